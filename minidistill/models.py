@@ -1,0 +1,153 @@
+"""CIFAR ResNets and Wide ResNets used across KD papers, and access to their features.
+
+Every network is built from named top-level stages -- ``stem``, ``layer1``, ``layer2``,
+``layer3``, ``pool``, ``fc`` -- so a feature is read by name (``"layer2"``) through
+:func:`feature_extractor`, without editing the model class.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "create_model", "count_parameters", "feature_names", "feature_extractor",
+           "CifarResNet", "WideResNet"]
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(c_in, c_out, stride), nn.ReLU(inplace=True), *_conv_bn(c_out, c_out))
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Wide ResNet block: BN-ReLU-conv-BN-ReLU-conv plus a (1x1 conv) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        return self.conv2(self.relu(self.bn2(self.conv1(o)))) + skip
+
+
+def _stage(block: Callable[..., nn.Module], c_in: int, c_out: int, n: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(*[block(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+
+
+class _Staged(nn.Module):
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.children():
+            x = stage(x)
+        return x
+
+
+class CifarResNet(_Staged):
+    """The CIFAR ResNet of He et al. (2016) in RepDistiller's form: depth = 6n + 2,
+    widths ``(stem, layer1, layer2, layer3)``; 32x32 inputs end as 8x8 maps."""
+
+    def __init__(self, depth: int, widths: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        w0, w1, w2, w3 = widths
+        self.stem = nn.Sequential(*_conv_bn(3, w0), nn.ReLU(inplace=True))
+        self.layer1 = _stage(BasicBlock, w0, w1, n, 1)
+        self.layer2 = _stage(BasicBlock, w1, w2, n, 2)
+        self.layer3 = _stage(BasicBlock, w2, w3, n, 2)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(w3, num_classes)
+        self._init_weights()
+
+
+class WideResNet(_Staged):
+    """WRN-depth-k of Zagoruyko & Komodakis (2016): depth = 6n + 4, widths 16k, 32k, 64k,
+    pre-activation blocks, no dropout. ``layer3`` ends with the final BN-ReLU."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"Wide ResNet depth must be 6n+4, got {depth}")
+        n, w = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.stem = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.layer1 = _stage(PreActBlock, w[0], w[1], n, 1)
+        self.layer2 = _stage(PreActBlock, w[1], w[2], n, 2)
+        self.layer3 = nn.Sequential(*_stage(PreActBlock, w[2], w[3], n, 2), nn.BatchNorm2d(w[3]), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(w[3], num_classes)
+        self._init_weights()
+
+
+_THIN, _X4 = (16, 16, 32, 64), (32, 64, 128, 256)
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    **{f"resnet{d}": (lambda k, d=d: CifarResNet(d, _THIN, k)) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": lambda k: CifarResNet(8, _X4, k),
+    "resnet32x4": lambda k: CifarResNet(32, _X4, k),
+    "wrn_16_2": lambda k: WideResNet(16, 2, k),
+    "wrn_40_2": lambda k: WideResNet(40, 2, k),
+    "wrn_28_10": lambda k: WideResNet(28, 10, k),
+}
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model by name (see ``MODELS``) with ``num_classes`` outputs."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return MODELS[name](num_classes)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def feature_names(model: nn.Module) -> list[str]:
+    """The names of the model's top-level stages, in forward order, e.g. ``['stem', 'layer1',
+    ..., 'fc']``. Any module path (``'layer2.0.body'``) also works with :func:`feature_extractor`."""
+    return [name for name, _ in model.named_children()]
+
+
+def feature_extractor(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A module that runs ``model`` once and returns ``{name: output}`` for each name.
+
+    Built with ``torchvision.models.feature_extraction`` (a traced copy that shares the
+    model's parameters, so training it trains the model). Ask for ``'fc'`` to get the logits
+    in the same pass.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    known = {n for n, _ in model.named_modules() if n}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown feature name(s) {unknown}; top-level stages are {feature_names(model)}")
+    return create_feature_extractor(model, return_nodes={n: n for n in names})

@@ -1,0 +1,427 @@
+"""One trainer for every chapter: :func:`fit`, :func:`evaluate`, :func:`predict`, and
+:func:`pretrained` teachers cached on disk.
+
+A :class:`Recipe` says *what* is learned (epochs, batch size, learning rate, ...) and is what
+a cached checkpoint is keyed by; ``fit``'s keyword arguments say *how* it runs (device, mixed
+precision, channels_last, torch.compile, checkpoints, progress) and never change the result
+beyond floating-point noise.
+
+A training step is one call of the *objective* -- ``objective(model, x, y) -> (loss, logits)``
+(see :mod:`minidistill.losses`) -- under autocast, then backward and an optimiser step.
+Nothing is copied to the host inside an epoch except a finiteness check every few steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset, DeviceLoader, load_dataset
+from .losses import CrossEntropy
+from .models import create_model
+from .runtime import Profile, data_root, device_name, get_device, get_profile, seed_everything, show_progress
+
+__all__ = [
+    "Recipe",
+    "default_recipe",
+    "History",
+    "TrainingDiverged",
+    "fit",
+    "predict",
+    "evaluate",
+    "Trained",
+    "pretrained",
+]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What is learned: SGD with momentum and a one-cycle (or cosine, or constant) schedule."""
+
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with some fields changed: ``recipe.replace(epochs=10)``."""
+        return dataclasses.replace(self, **changes)
+
+    def key(self) -> str:
+        """A short hash of every field: two recipes with the same key train the same way."""
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_recipe(profile: Profile | str | None = None) -> Recipe:
+    """The course's training recipe at a profile's size (smoke: 8 short epochs on CPU)."""
+    name = profile.name if isinstance(profile, Profile) else get_profile(profile).name
+    if name == "smoke":
+        return Recipe(epochs=8, batch_size=128, lr=0.1)
+    if name == "paper":
+        return Recipe(epochs=240, batch_size=64, lr=0.05, nesterov=False, schedule="cosine")
+    return Recipe()
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped before saving anything broken."""
+
+
+@dataclass
+class History:
+    """Per-epoch records (``epoch, lr, train_loss, train_acc, val_*, test_*, seconds``) and
+    facts about the run (``meta``). ``history["test_acc"]`` is that column as a list."""
+
+    records: list[dict[str, float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> list[float]:
+        if not self.records or key not in self.records[0]:
+            have = sorted(self.records[0]) if self.records else []
+            raise KeyError(f"no column {key!r} in this history (columns: {have})")
+        return [r[key] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def final(self, key: str = "test_acc") -> float:
+        """The last epoch's value: what the course reports."""
+        return self[key][-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        return cls(list(d["records"]), dict(d["meta"]))
+
+    def plot(self, *args: Any, **kwargs: Any):
+        """Training curves; see :func:`minidistill.plots.plot_history`."""
+        from .plots import plot_history
+
+        return plot_history(self, *args, **kwargs)
+
+
+def _autocast_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    if amp == "auto":
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    return torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "test",
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+    amp: bool | str = "auto",
+) -> torch.Tensor:
+    """Float32 logits ``[N, K]`` of ``model`` on one split, in order, on ``model``'s device.
+
+    The model is put in eval mode and left there.
+    """
+    device = get_device(device) if device is not None else next(model.parameters()).device
+    loader = DeviceLoader.from_dataset(data, split, batch_size, train=False, device=device,
+                                       channels_last=device.type == "cuda")
+    model.eval()
+    dtype = _autocast_dtype(device, amp)
+    out = []
+    for x, _ in loader:
+        with _autocast(device, dtype):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "test",
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+    amp: bool | str = "auto",
+) -> dict[str, float]:
+    """``{'loss': mean cross-entropy, 'acc': top-1 accuracy in %}`` on one split."""
+    logits = predict(model, data, split, batch_size=batch_size, device=device, amp=amp)
+    y = data.split(split)[1].to(logits.device)
+    return {"loss": F.cross_entropy(logits, y).item(), "acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
+
+
+def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's own learnable state (a regressor, say), leaving frozen teachers out."""
+    keep = {}
+    for name, module in objective.named_children():
+        if any(p.requires_grad for p in module.parameters()):
+            keep.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    keep.update({k: v for k, v in objective.named_parameters(recurse=False)})
+    return keep
+
+
+def _make_schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
+    total = recipe.epochs * steps_per_epoch
+    if recipe.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.25)
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    objective: nn.Module | None = None,
+    recipe: Recipe | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool | str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    check_every: int = 25,
+    description: str | None = None,
+) -> History:
+    """Train ``model`` in place on ``data``'s training split and return its :class:`History`.
+
+    Args:
+        objective: ``objective(model, x, y) -> (loss, logits)``; default
+            :class:`~minidistill.losses.CrossEntropy` with the recipe's label smoothing.
+            Its own learnable parameters (a regressor, say) are trained too.
+        recipe: epochs, batch size, optimiser and schedule (default :class:`Recipe`).
+        seed: seeds the shuffle and augmentation (seed the model's initialisation yourself,
+            with :func:`~minidistill.runtime.seed_everything`, before creating it).
+        amp: ``'auto'`` (bf16 autocast on GPUs that have it, fp16 with a GradScaler on
+            those that do not, off on the CPU), ``True`` or ``False``.
+        channels_last: default on CUDA.
+        compile: ``torch.compile`` the model and the objective's submodules (in place).
+        checkpoint: a file written after every epoch; if it exists, training resumes from
+            it -- same weights, optimiser, schedule and data order as if never stopped.
+        progress: a progress bar over epochs (default: on unless ``MINIDISTILL_PROGRESS=0``).
+        check_every: steps between finiteness checks of the loss (each one syncs the host).
+
+    After each epoch the validation split (if ``data`` has one) and the test split are
+    evaluated; report ``history.final('test_acc')``, choose things with ``val_acc``.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    recipe = recipe or Recipe()
+    objective = objective if objective is not None else CrossEntropy(recipe.label_smoothing)
+    device = get_device(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    objective.to(device, memory_format=memory_format)
+    if compile:
+        for m in (model, *objective.children()):
+            m.compile()
+
+    loader = DeviceLoader.from_dataset(data, "train", recipe.batch_size, device=device,
+                                       channels_last=channels_last, seed=seed)
+    if len(loader) == 0:
+        raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
+    params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                          weight_decay=recipe.weight_decay)
+    sched = _make_schedule(opt, recipe, len(loader))
+    dtype = _autocast_dtype(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history = History(meta={
+        "model": type(model).__name__, "objective": type(objective).__name__, "data": data.name,
+        "recipe": dataclasses.asdict(recipe), "seed": seed, "device": device_name(device),
+        "amp": str(dtype).replace("torch.", "") if dtype else "off", "compile": compile,
+    })
+    fingerprint = {k: history.meta[k] for k in ("model", "objective", "data", "recipe", "seed")}
+    start = 0
+
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"checkpoint {path} belongs to another run ({state.get('fingerprint')}); "
+                f"this run is {fingerprint}. Delete it or choose another checkpoint path."
+            )
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        history = History.from_dict(state["history"])
+        start = state["epoch"]
+
+    show = show_progress() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.epochs, initial=start, desc=description or history.meta["model"], unit="epoch")
+    elapsed = history.records[-1]["seconds"] if history.records else 0.0
+    for epoch in range(start, recipe.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        objective.train()
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for step, (x, y) in enumerate(loader):
+            with _autocast(device, dtype):
+                loss, logits = objective(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if (step + 1) % check_every == 0 or step + 1 == len(loader):
+                if not torch.isfinite(loss_sum):
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingDiverged(
+                        f"the loss became {loss_sum.item()} in epoch {epoch + 1}, by step {step + 1} "
+                        f"(lr {sched.get_last_lr()[0]:.3g}). Lower the learning rate or check the "
+                        f"objective for log(0) or division by zero"
+                        + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
+                    )
+        elapsed += time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
+                  "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
+        for split in ("val", "test"):
+            if len(getattr(data, f"x_{split}")):
+                for k, v in evaluate(model, data, split, device=device, amp=amp).items():
+                    record[f"{split}_{k}"] = v
+        record["seconds"] = elapsed
+        history.records.append(record)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic({
+                "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                "objective": _trainable_state(objective), "optimizer": opt.state_dict(),
+                "schedule": sched.state_dict(), "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(), "history": history.to_dict(),
+            }, path)
+        if bar is not None:
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc") if k in record})
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history
+
+
+@dataclass
+class Trained:
+    """A trained model, its history, the checkpoint file, and whether it came from the cache."""
+
+    model: nn.Module
+    history: History
+    path: Path
+    cached: bool
+
+
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pretrained(
+    name: str,
+    dataset: str | Dataset,
+    *,
+    recipe: Recipe | None = None,
+    seed: int = 0,
+    profile: Profile | str | None = None,
+    root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    compile: bool = False,
+    progress: bool | None = None,
+) -> Trained:
+    """A model trained with the course recipe, from the cache or trained now and cached.
+
+    The checkpoint lives in ``<root>/checkpoints/`` under a name made of the model, data set,
+    profile, seed and recipe hash. A cached file is used only if it loads, its metadata
+    match and its weights hash to the stored digest; otherwise it is retrained (with a
+    warning), never silently loaded. An interrupted training resumes where it stopped.
+    """
+    prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
+    recipe = recipe or default_recipe(prof)
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, root)
+    meta = {"model": name, "dataset": data.name, "n_train": len(data.x_train), "profile": prof.name,
+            "seed": seed, "recipe": dataclasses.asdict(recipe)}
+    folder = data_root(root) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{data.name}{len(data.x_train)}-{prof.name}-s{seed}-{recipe.key()}.pt"
+    dev = get_device(device) if device is not None else prof.device
+    seed_everything(seed)
+    model = create_model(name, data.num_classes)
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if state["meta"] != meta:
+                raise ValueError(f"metadata {state['meta']} differ from {meta}")
+            if _state_digest(state["model"]) != state["digest"]:
+                raise ValueError("weights do not match their stored digest")
+            model.load_state_dict(state["model"])
+            return Trained(model.to(dev).eval(), History.from_dict(state["history"]), path, True)
+        except Exception as e:  # corrupt, truncated or mismatched: retrain
+            warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {e}); retraining", stacklevel=2)
+            path.unlink()
+    partial = path.with_name(path.stem + ".partial.pt")
+    history = fit(model, data, recipe=recipe, seed=seed, device=dev, compile=compile,
+                  checkpoint=partial, progress=progress, description=f"{name} (teacher)")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _save_atomic({"meta": meta, "model": state, "digest": _state_digest(state),
+                  "history": history.to_dict()}, path)
+    partial.unlink(missing_ok=True)
+    return Trained(model.eval(), history, path, False)
