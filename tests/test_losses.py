@@ -1,0 +1,273 @@
+"""minidistill.losses: soft targets, the KD loss, the CE/KD mix and the two objectives."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidistill import losses as losses_mod
+from minidistill.losses import (
+    CrossEntropy,
+    Distillation,
+    check_logits_pair,
+    check_temperature,
+    distillation_loss,
+    kd_loss,
+    soft_targets,
+)
+
+BAD_TEMPERATURES = [0, 0.0, -1.0, float("inf"), float("nan"), "4", None]
+BAD_ALPHAS = [-0.1, 1.01, float("nan"), "0.5", None]
+
+
+def _logits(n=5, k=7, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, k, generator=g, dtype=torch.float64)
+
+
+def _kd_by_hand(z, v, t):
+    """T^2 * (1/N) sum_n sum_k p_t log(p_t / p_s), one number at a time."""
+    total = 0.0
+    for zn, vn in zip(z.tolist(), v.tolist()):
+        es = [math.exp(a / t) for a in zn]
+        et = [math.exp(a / t) for a in vn]
+        ps = [e / sum(es) for e in es]
+        pt = [e / sum(et) for e in et]
+        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    return t * t * total / len(z)
+
+
+def test_all_names_exist():
+    for name in losses_mod.__all__:
+        assert hasattr(losses_mod, name), name
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.5, 1, 4.0, torch.tensor(2.0), torch.tensor([1.0, 3.0])])
+def test_check_temperature_accepts_positive_finite(t):
+    check_temperature(t)
+
+
+@pytest.mark.parametrize("t", BAD_TEMPERATURES + [torch.tensor(0.0), torch.tensor(float("inf")),
+                                                  torch.tensor([1.0, -1.0])])
+def test_check_temperature_rejects(t):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        check_temperature(t)
+
+
+@pytest.mark.parametrize("s_shape, t_shape", [((4, 10), (4, 9)), ((4, 10), (5, 10)), ((10,), (10,)),
+                                              ((2, 4, 10), (2, 4, 10))])
+def test_check_logits_pair_rejects_mismatch(s_shape, t_shape):
+    with pytest.raises(ValueError, match=r"student .* and teacher"):
+        check_logits_pair(torch.zeros(s_shape), torch.zeros(t_shape))
+
+
+# --- soft targets ---------------------------------------------------------------------------
+
+def test_soft_targets_is_the_tempered_softmax():
+    z = _logits()
+    for t in (0.5, 1.0, 4.0):
+        p = soft_targets(z, t)
+        by_hand = torch.exp(z / t) / torch.exp(z / t).sum(-1, keepdim=True)
+        assert torch.allclose(p.double(), by_hand, atol=1e-6)
+        assert torch.allclose(p.sum(-1).double(), torch.ones(len(z), dtype=torch.float64), atol=1e-6)
+        assert (p > 0).all()
+
+
+def test_soft_targets_flatten_as_temperature_grows():
+    z = _logits()
+    spreads = [(soft_targets(z, t).max(-1).values - soft_targets(z, t).min(-1).values).max().item()
+               for t in (1, 4, 16, 64, 1e4)]
+    assert all(a > b for a, b in zip(spreads, spreads[1:]))
+    assert torch.allclose(soft_targets(z, 1e4).double(), torch.full_like(z, 1 / 7), atol=1e-3)
+
+
+def test_soft_targets_sharpen_to_argmax_as_temperature_shrinks():
+    z = _logits()
+    p = soft_targets(z, 1e-3)
+    assert torch.equal(p.argmax(-1), z.argmax(-1))
+    assert (p.max(-1).values > 0.999).all()
+
+
+def test_soft_targets_keep_ordering_and_accept_1d():
+    p = soft_targets(torch.tensor([3.0, 1.0, 2.0]), 2.0)
+    assert p.shape == (3,) and p[0] > p[2] > p[1]
+
+
+@pytest.mark.parametrize("t", BAD_TEMPERATURES)
+def test_soft_targets_reject_bad_temperature(t):
+    with pytest.raises(ValueError, match="temperature"):
+        soft_targets(_logits(), t)
+
+
+# --- kd_loss --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0, 10.0])
+def test_kd_loss_matches_hand_computation(t):
+    z, v = _logits(seed=0), _logits(seed=1)
+    loss = kd_loss(z, v, t)
+    assert loss.ndim == 0
+    assert loss.item() == pytest.approx(_kd_by_hand(z, v, t), rel=1e-5)
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    z = _logits()
+    assert kd_loss(z, z.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(z, z + 5.0, 4.0).item() == pytest.approx(0.0, abs=1e-6)  # softmax is shift-invariant
+    assert kd_loss(z, _logits(seed=1), 4.0).item() > 1e-3
+
+
+def test_kd_loss_is_averaged_over_the_batch_not_summed():
+    z, v = _logits(n=3), _logits(n=3, seed=1)
+    one = kd_loss(z, v, 2.0)
+    doubled = kd_loss(torch.cat([z, z]), torch.cat([v, v]), 2.0)
+    assert doubled.item() == pytest.approx(one.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0, 8.0])
+def test_kd_loss_gradient_is_t_times_prob_difference_over_n(t):
+    """d/dz [T^2 KL(p_t || p_s)] / N = T^2 * (1/T) (p_s - p_t) / N = T (p_s - p_t) / N."""
+    n = 6
+    z = _logits(n=n).float().requires_grad_()
+    v = _logits(n=n, seed=1).float().requires_grad_()
+    kd_loss(z, v, t).backward()
+    closed_form = t * (torch.softmax(z.detach().double() / t, -1) - torch.softmax(v.detach().double() / t, -1)) / n
+    assert torch.allclose(z.grad.double(), closed_form, atol=1e-6, rtol=1e-4)
+    assert v.grad is None  # the teacher is the target: no gradient flows to it
+
+
+def test_kd_loss_no_gradient_to_teacher_even_when_it_is_a_model_output():
+    teacher = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    z = torch.randn(5, 3, requires_grad=True)
+    kd_loss(z, teacher(x), 2.0).backward()
+    assert teacher.weight.grad is None and z.grad is not None
+
+
+def test_kd_loss_computes_bf16_logits_in_float32():
+    """bf16 logits (autocast) are computed in float32, not in bf16."""
+    z, v = _logits().bfloat16(), _logits(seed=1).bfloat16()
+    loss = kd_loss(z, v, 4.0)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(_kd_by_hand(z.double(), v.double(), 4.0), rel=1e-4)
+
+
+@pytest.mark.parametrize("s_shape, t_shape", [((4, 10), (4, 9)), ((4, 10), (5, 10)), ((10,), (10,))])
+def test_kd_loss_rejects_shape_mismatch(s_shape, t_shape):
+    with pytest.raises(ValueError, match=r"student .* and teacher"):
+        kd_loss(torch.zeros(s_shape), torch.zeros(t_shape))
+
+
+@pytest.mark.parametrize("t", BAD_TEMPERATURES)
+def test_kd_loss_rejects_bad_temperature(t):
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(_logits(), _logits(seed=1), t)
+
+
+# --- distillation_loss ----------------------------------------------------------------------
+
+def _targets(n=5, k=7):
+    return torch.arange(n) % k
+
+
+def test_distillation_loss_alpha_zero_is_cross_entropy():
+    z, v, y = _logits(), _logits(seed=1), _targets()
+    loss = distillation_loss(z, v, y, temperature=4.0, alpha=0.0)
+    by_hand = -torch.log_softmax(z, -1)[torch.arange(5), y].mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_distillation_loss_alpha_one_is_kd_loss():
+    z, v, y = _logits(), _logits(seed=1), _targets()
+    assert distillation_loss(z, v, y, temperature=3.0, alpha=1.0).item() == pytest.approx(
+        _kd_by_hand(z, v, 3.0), rel=1e-5)
+
+
+def test_distillation_loss_mixes_linearly():
+    z, v, y = _logits(), _logits(seed=1), _targets()
+    ce = F.cross_entropy(z, y).item()
+    kd = _kd_by_hand(z, v, 4.0)
+    assert distillation_loss(z, v, y, 4.0, 0.3).item() == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
+    assert distillation_loss(z, v, y).item() == pytest.approx(0.1 * ce + 0.9 * kd, rel=1e-5)  # defaults
+
+
+@pytest.mark.parametrize("alpha", BAD_ALPHAS)
+def test_distillation_loss_rejects_alpha_outside_unit_interval(alpha):
+    with pytest.raises(ValueError, match="alpha must be a number in \\[0, 1\\]"):
+        distillation_loss(_logits(), _logits(seed=1), _targets(), 4.0, alpha)
+
+
+@pytest.mark.parametrize("t", BAD_TEMPERATURES)
+def test_distillation_loss_rejects_bad_temperature(t):
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(_logits(), _logits(seed=1), _targets(), t, 0.5)
+
+
+def test_distillation_loss_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match=r"student .* and teacher"):
+        distillation_loss(_logits(k=7), _logits(k=6), _targets())
+
+
+@pytest.mark.parametrize("y", [torch.zeros(5), torch.zeros(4, dtype=torch.int64),
+                               torch.zeros(5, 1, dtype=torch.int64), torch.zeros(5, dtype=torch.int32)])
+def test_distillation_loss_rejects_bad_targets(y):
+    with pytest.raises(ValueError, match="targets must be int64"):
+        distillation_loss(_logits(), _logits(seed=1), y)
+
+
+# --- objectives -----------------------------------------------------------------------------
+
+def _linear_net(seed, k=4, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(12, k))
+
+
+def test_cross_entropy_objective_returns_loss_and_logits():
+    model = _linear_net(0)
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss, logits = CrossEntropy()(model, x, y)
+    assert torch.equal(logits, model(x))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    smooth, _ = CrossEntropy(label_smoothing=0.2)(model, x, y)
+    assert smooth.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item(), rel=1e-6)
+    assert smooth.item() != pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("ls", [-0.1, 1.0, 1.5])
+def test_cross_entropy_rejects_bad_label_smoothing(ls):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CrossEntropy(ls)
+
+
+def test_distillation_objective_freezes_teacher_in_eval_mode():
+    teacher = _linear_net(1, dropout=0.5).train()
+    obj = Distillation(teacher, temperature=2.0, alpha=0.7)
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    obj.train()
+    assert obj.training and not teacher.training  # .train() on the objective keeps the teacher in eval
+
+
+def test_distillation_objective_computes_distillation_loss():
+    teacher, student = _linear_net(1, dropout=0.5), _linear_net(2)
+    obj = Distillation(teacher, temperature=2.0, alpha=0.7).train()
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss, logits = obj(student, x, y)
+    with torch.no_grad():
+        t_logits = teacher(x)  # eval mode: dropout off, so this is what the objective saw
+    assert torch.equal(logits, student(x))
+    assert loss.item() == pytest.approx(distillation_loss(logits, t_logits, y, 2.0, 0.7).item(), rel=1e-6)
+    loss.backward()
+    assert student[2].weight.grad is not None
+    assert teacher[2].weight.grad is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=float("nan")),
+                                    dict(alpha=1.5), dict(alpha=-0.5)])
+def test_distillation_objective_rejects_bad_hyperparameters(kwargs):
+    with pytest.raises(ValueError):
+        Distillation(_linear_net(0), **kwargs)
