@@ -134,6 +134,9 @@ def _from_npz(path: Path, name: str) -> Dataset:
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
             raise ValueError(f"{path}: {k} must be uint8 NHWC with 3 channels, got {a.dtype} {a.shape}")
     xs = {k: torch.from_numpy(np.ascontiguousarray(arrays[k].transpose(0, 3, 1, 2))) for k in ("x_train", "x_test")}
+    for k in ("y_train", "y_test"):
+        if not np.issubdtype(arrays[k].dtype, np.integer) or arrays[k].ndim != 1:
+            raise ValueError(f"{path}: {k} must be 1-D integer class labels, got {arrays[k].dtype} {arrays[k].shape}")
     ys = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
     num_classes = {"cifar10": 10, "cifar100": 100}.get(name, int(ys["y_train"].max()) + 1)
     classes = classes or tuple(str(i) for i in range(num_classes))

@@ -52,10 +52,16 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
                          f"{targets.dtype} {tuple(targets.shape)}")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 (softmax and KL in low precision lose the small
+    probabilities that distillation is about); float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     r"""The tempered softmax $p_k = e^{z_k/T} / \sum_j e^{z_j/T}$ over the last dimension."""
     check_temperature(temperature)
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.softmax(_upcast(logits) / temperature, dim=-1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -65,12 +71,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
       \mathrm{KL}\big(\mathrm{softmax}(v_n/T) \,\|\, \mathrm{softmax}(z_n/T)\big)$$
 
     with student logits $z$ and teacher logits $v$ (the teacher is the target and gets no
-    gradient). Computed in float32 whatever the autocast dtype.
+    gradient). Half-precision logits are computed in float32 (float64 stays float64).
     """
     check_logits_pair(student_logits, teacher_logits)
     check_temperature(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_upcast(teacher_logits.detach()).to(log_p_s.dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -89,7 +95,7 @@ def distillation_loss(
     """
     _check_alpha(alpha)
     _check_targets(student_logits, targets)
-    ce = F.cross_entropy(student_logits.float(), targets)
+    ce = F.cross_entropy(_upcast(student_logits), targets)
     return (1 - alpha) * ce + alpha * kd_loss(student_logits, teacher_logits, temperature)
 
 

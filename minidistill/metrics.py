@@ -42,7 +42,7 @@ def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> float:
     r"""Mean squared error to the one-hot label, summed over classes:
     $\frac1N\sum_n\sum_k (p_{nk} - [y_n = k])^2$ (0 is perfect, 2 the worst)."""
     _check(probs, targets)
-    onehot = torch.nn.functional.one_hot(targets, probs.shape[1]).double()
+    onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[1]).double()
     return ((probs.double() - onehot) ** 2).sum(1).mean().item()
 
 

@@ -24,10 +24,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn(c_in, c_out, stride), nn.ReLU(inplace=True), *_conv_bn(c_out, c_out))
+        self.body = nn.Sequential(*_conv_bn(c_in, c_out, stride), nn.ReLU(), *_conv_bn(c_out, c_out))
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.body(x) + self.shortcut(x))
@@ -79,7 +79,7 @@ class CifarResNet(_Staged):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         w0, w1, w2, w3 = widths
-        self.stem = nn.Sequential(*_conv_bn(3, w0), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*_conv_bn(3, w0), nn.ReLU())
         self.layer1 = _stage(BasicBlock, w0, w1, n, 1)
         self.layer2 = _stage(BasicBlock, w1, w2, n, 2)
         self.layer3 = _stage(BasicBlock, w2, w3, n, 2)

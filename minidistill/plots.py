@@ -30,9 +30,9 @@ def plot_history(histories, metrics: Sequence[str] = ("train_loss", "test_acc"),
             hs = [hs] if isinstance(hs, History) else list(hs)
             ys = torch.tensor([h[metric] for h in hs], dtype=torch.float64)
             epochs = hs[0]["epoch"]
-            ax.plot(epochs, ys.mean(0), label=label + (f" (mean of {len(hs)})" if len(hs) > 1 else ""), color=f"C{i}")
+            ax.plot(epochs, ys.mean(0).numpy(), label=label + (f" (mean of {len(hs)})" if len(hs) > 1 else ""), color=f"C{i}")
             if len(hs) > 1:
-                ax.fill_between(epochs, ys.min(0).values, ys.max(0).values, alpha=0.2, color=f"C{i}")
+                ax.fill_between(epochs, ys.min(0).values.numpy(), ys.max(0).values.numpy(), alpha=0.2, color=f"C{i}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(_LABELS.get(metric, metric))
         ax.set_title(_LABELS.get(metric, metric))
@@ -60,9 +60,10 @@ def plot_soft_targets(
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(6, 0.7 * k), 3.2))
     width = 0.8 / len(temperatures)
     for i, t in enumerate(temperatures):
-        p = soft_targets(logits, t)
-        ax.bar(torch.arange(k) + (i - (len(temperatures) - 1) / 2) * width, p, width, label=f"T = {t:g}")
+        p = soft_targets(logits, t).numpy()
+        ax.bar((torch.arange(k) + (i - (len(temperatures) - 1) / 2) * width).numpy(), p, width, label=f"T = {t:g}")
     ax.set_xticks(range(k), names, rotation=30, ha="right")
+    ax.set_xlabel("class")
     ax.set_ylabel("probability")
     ax.set_ylim(0, 1)
     ax.set_title(title)
@@ -83,7 +84,7 @@ def plot_reliability(results: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n
         c = reliability_curve(probs, targets, n_bins)
         ok = c["count"] > 0
         ece = expected_calibration_error(probs, targets, n_bins)
-        ax.plot(c["confidence"][ok], c["accuracy"][ok], "o-", ms=3, label=f"{label} (ECE {100 * ece:.1f} %)")
+        ax.plot(c["confidence"][ok].numpy(), c["accuracy"][ok].numpy(), "o-", ms=3, label=f"{label} (ECE {100 * ece:.1f} %)")
     ax.set_xlabel("confidence (max probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)

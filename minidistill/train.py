@@ -196,8 +196,10 @@ def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
 
 def _make_schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
     total = recipe.epochs * steps_per_epoch
-    if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.25)
+    if recipe.schedule == "onecycle" and total >= 4:  # (under 4 steps there is no cycle: constant)
+        # at least ~2 steps in the warm-up phase, so that short runs keep a real cycle
+        pct = min(max(0.25, 2.5 / total), 0.5)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=pct)
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -252,6 +254,8 @@ def fit(
     recipe = recipe or Recipe()
     objective = objective if objective is not None else CrossEntropy(recipe.label_smoothing)
     device = get_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
@@ -276,6 +280,8 @@ def fit(
         "amp": str(dtype).replace("torch.", "") if dtype else "off", "compile": compile,
     })
     fingerprint = {k: history.meta[k] for k in ("model", "objective", "data", "recipe", "seed")}
+    fingerprint["n_train"] = len(data.x_train)
+    fingerprint["parameters"] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     start = 0
 
     path = Path(checkpoint) if checkpoint is not None else None
@@ -310,7 +316,9 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
+        epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded below
         for step, (x, y) in enumerate(loader):
+            epoch_lr = opt.param_groups[0]["lr"]
             with _autocast(device, dtype):
                 loss, logits = objective(model, x, y)
             opt.zero_grad(set_to_none=True)
@@ -332,7 +340,7 @@ def fit(
                         + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
                     )
         elapsed += time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
+        record = {"epoch": epoch + 1, "lr": epoch_lr,
                   "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
         for split in ("val", "test"):
             if len(getattr(data, f"x_{split}")):
@@ -371,7 +379,7 @@ def _state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

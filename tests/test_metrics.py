@@ -91,9 +91,6 @@ def test_brier_score_by_hand():
     assert brier_score(torch.eye(3), torch.tensor([1, 2, 0])) == pytest.approx(2.0)  # the worst
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: metrics._check accepts any integer targets, but brier_score's one_hot "
-                          "needs int64 and fails with an unclear RuntimeError for int32 targets")
 def test_brier_score_accepts_int32_targets():
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
     assert brier_score(p, torch.tensor([0, 1], dtype=torch.int32)) == pytest.approx(0.5, rel=1e-6)

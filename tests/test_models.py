@@ -149,10 +149,6 @@ def test_unknown_feature_name_raises():
         feature_extractor(model, ["layer1", "layer4"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: in-place ReLUs (models.py _conv_bn users: stem and BasicBlock.body) "
-                          "overwrite a BatchNorm feature when later nodes run, so 'stem.1' comes back "
-                          "post-ReLU whenever e.g. 'fc' is also requested")
 def test_feature_is_the_modules_own_output_whatever_else_is_requested():
     """A tapped BatchNorm output (pre-activation, as OFD-style methods need) is the BN output,
     with its negative values, also when the logits are read in the same pass."""

@@ -88,8 +88,6 @@ def test_plot_soft_targets_draws_the_tempered_softmax():
         assert np.allclose(h, soft_targets(logits, t).numpy(), atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: plot_soft_targets sets no x-axis label (plots.py: add "
-                                        "ax.set_xlabel('class')); the module promises labelled axes")
 def test_plot_soft_targets_labels_both_axes():
     ax, = plot_soft_targets(torch.tensor([1.0, 0.0, -1.0])).axes
     assert _labelled(ax)

@@ -217,18 +217,12 @@ def test_fit_schedules(tiny, schedule):
         assert lr / 3 < lrs[0] < lr and lrs[1] < lrs[0]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: History's 'lr' is sched.get_last_lr() after the epoch's last "
-                                        "sched.step(), i.e. the lr of a step that never runs; for onecycle "
-                                        "the last epoch reports an lr extrapolated past the schedule's end")
 def test_last_epoch_lr_of_onecycle_is_annealed(tiny):
     """One-cycle ends at max_lr / (25 * 1e4); the final record should show an annealed lr."""
     history = fit(new_model(), tiny, recipe=Recipe(epochs=2, batch_size=128, lr=0.05), device="cpu")
     assert history.final("lr") < 0.05 / 1000
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="bug: train._make_schedule's OneCycleLR(pct_start=0.25) divides by zero when the "
-                          "run has exactly 4 steps (pct_start * total_steps == 1)")
 def test_fit_onecycle_with_four_steps(tiny):
     history = fit(new_model(), tiny, recipe=Recipe(epochs=2, batch_size=256), device="cpu")
     assert len(history) == 2
@@ -361,10 +355,6 @@ def test_checkpoint_of_another_objective_refuses_to_load(tiny, tmp_path):
         fit(new_model(), tiny, Distillation(new_model(seed=1)), recipe=ONE_EPOCH, device="cpu", checkpoint=ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fit()'s checkpoint fingerprint holds only the model's class "
-                                        "name, the data set's name, objective, recipe and seed: a checkpoint "
-                                        "of another architecture of the same class, or of another subset "
-                                        "of the same data set, is loaded (crash or silent reuse)")
 @pytest.mark.parametrize("other", ["architecture", "training_set"])
 def test_checkpoint_of_another_model_or_data_refuses_to_load(tiny, tmp_path, other):
     ckpt = tmp_path / "run.pt"
