@@ -144,6 +144,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
+def _logits(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | None) -> torch.Tensor:
+    model.eval()
+    out = []
+    for x, _ in loader:
+        with _autocast(loader.device, dtype):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    return {"loss": F.cross_entropy(logits, y).item(), "acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
+
+
 def predict(
     model: nn.Module,
     data: Dataset,
@@ -160,13 +173,7 @@ def predict(
     device = get_device(device) if device is not None else next(model.parameters()).device
     loader = DeviceLoader.from_dataset(data, split, batch_size, train=False, device=device,
                                        channels_last=device.type == "cuda")
-    model.eval()
-    dtype = _autocast_dtype(device, amp)
-    out = []
-    for x, _ in loader:
-        with _autocast(device, dtype):
-            out.append(model(x).float())
-    return torch.cat(out)
+    return _logits(model, loader, _autocast_dtype(device, amp))
 
 
 def evaluate(
@@ -180,8 +187,7 @@ def evaluate(
 ) -> dict[str, float]:
     """``{'loss': mean cross-entropy, 'acc': top-1 accuracy in %}`` on one split."""
     logits = predict(model, data, split, batch_size=batch_size, device=device, amp=amp)
-    y = data.split(split)[1].to(logits.device)
-    return {"loss": F.cross_entropy(logits, y).item(), "acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
+    return _scores(logits, data.split(split)[1].to(logits.device))
 
 
 def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -266,6 +272,10 @@ def fit(
 
     loader = DeviceLoader.from_dataset(data, "train", recipe.batch_size, device=device,
                                        channels_last=channels_last, seed=seed)
+    # built once: the evaluation splits stay on the device for the whole run
+    eval_loaders = {split: DeviceLoader.from_dataset(data, split, 1024, train=False, device=device,
+                                                     channels_last=channels_last)
+                    for split in ("val", "test") if len(getattr(data, f"x_{split}"))}
     if len(loader) == 0:
         raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
@@ -342,10 +352,9 @@ def fit(
         elapsed += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "lr": epoch_lr,
                   "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
-        for split in ("val", "test"):
-            if len(getattr(data, f"x_{split}")):
-                for k, v in evaluate(model, data, split, device=device, amp=amp).items():
-                    record[f"{split}_{k}"] = v
+        for split, eval_loader in eval_loaders.items():
+            for k, v in _scores(_logits(model, eval_loader, dtype), eval_loader.y).items():
+                record[f"{split}_{k}"] = v
         record["seconds"] = elapsed
         history.records.append(record)
         if path is not None:
