@@ -326,9 +326,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
-        epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded below
         for step, (x, y) in enumerate(loader):
-            epoch_lr = opt.param_groups[0]["lr"]
+            epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded
             with _autocast(device, dtype):
                 loss, logits = objective(model, x, y)
             opt.zero_grad(set_to_none=True)
