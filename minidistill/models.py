@@ -1,4 +1,4 @@
-"""CIFAR ResNets and Wide ResNets used across KD papers, and access to their features.
+"""CIFAR ResNets, Wide ResNets and plain CNNs used across KD papers, and access to their features.
 
 Every network is built from named top-level stages -- ``stem``, ``layer1``, ``layer2``,
 ``layer3``, ``pool``, ``fc`` -- so a feature is read by name (``"layer2"``) through
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["MODELS", "create_model", "count_parameters", "feature_names", "feature_extractor",
-           "CifarResNet", "WideResNet"]
+           "CifarResNet", "WideResNet", "PlainCNN"]
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -104,6 +104,60 @@ class WideResNet(_Staged):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(w[3], num_classes)
         self._init_weights()
+
+
+class PlainCNN(_Staged):
+    """A plain (no shortcut) stack of 3x3 conv(-BN)-ReLU layers in three stages, the shape of
+    the FitNets students (Romero et al., 2015): ``depth`` conv layers in all, widths
+    ``(w1, w2, w3)``, a 2x2 max-pool at the start of ``layer2`` and ``layer3`` (32x32 inputs
+    give 32, 16 and 8 pixel maps, as in :class:`CifarResNet`), global average pooling and a
+    linear classifier.
+
+    ``stem`` is the first conv; the other ``depth - 1`` convs are split evenly over the three
+    stages, any remainder going to the later stages. ``batch_norm=False`` gives the 2015-style
+    net without normalisation (biases instead), which is much harder to train when deep.
+    """
+
+    def __init__(self, depth: int, widths: Sequence[int], num_classes: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        if not isinstance(depth, int) or depth < 4:
+            raise ValueError(f"PlainCNN depth (number of conv layers) must be an int >= 4, got {depth!r}")
+        if len(widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in widths):
+            raise ValueError(f"PlainCNN widths must be three positive ints (w1, w2, w3), got {widths!r}")
+        per_stage = self.convs_per_stage(depth)
+
+        def conv(c_in: int, c_out: int) -> list[nn.Module]:
+            if batch_norm:
+                return [*_conv_bn(c_in, c_out), nn.ReLU()]
+            return [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.ReLU()]
+
+        def stage(c_in: int, c_out: int, n: int, pool: bool) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if pool else []
+            for i in range(n):
+                layers += conv(c_in if i == 0 else c_out, c_out)
+            return nn.Sequential(*layers)
+
+        w1, w2, w3 = widths
+        self.depth, self.widths, self.batch_norm = depth, tuple(widths), batch_norm
+        self.stem = nn.Sequential(*conv(3, w1))
+        self.layer1 = stage(w1, w1, per_stage[0], pool=False)
+        self.layer2 = stage(w1, w2, per_stage[1], pool=True)
+        self.layer3 = stage(w2, w3, per_stage[2], pool=True)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(w3, num_classes)
+        self._init_weights()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def convs_per_stage(depth: int) -> tuple[int, int, int]:
+        """How the ``depth - 1`` convs after the stem are split over ``layer1..layer3``."""
+        q, r = divmod(depth - 1, 3)
+        return tuple(q + (i >= 3 - r) for i in range(3))  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, widths={self.widths}, batch_norm={self.batch_norm}"
 
 
 _THIN, _X4 = (16, 16, 32, 64), (32, 64, 128, 256)

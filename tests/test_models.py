@@ -9,6 +9,7 @@ from minidistill import models as models_mod
 from minidistill.models import (
     MODELS,
     CifarResNet,
+    PlainCNN,
     WideResNet,
     count_parameters,
     create_model,
@@ -161,3 +162,40 @@ def test_feature_is_the_modules_own_output_whatever_else_is_requested():
     assert torch.allclose(alone, bn_out, atol=1e-6)
     assert (bn_out < 0).any()
     assert torch.allclose(with_logits, bn_out, atol=1e-6)
+
+
+def test_plain_cnn_stage_shapes_and_depth():
+    """FitNet-shaped plain nets: ``depth`` convs, maps 32 -> 32, 16, 8, no shortcuts."""
+    model = PlainCNN(13, (4, 6, 8), 5).eval()
+    assert feature_names(model) == STAGES
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    with torch.no_grad():
+        out = feature_extractor(model, STAGES)(torch.randn(2, 3, 32, 32))
+    assert out["stem"].shape == (2, 4, 32, 32) and out["layer1"].shape == (2, 4, 32, 32)
+    assert out["layer2"].shape == (2, 6, 16, 16) and out["layer3"].shape == (2, 8, 8, 8)
+    assert out["fc"].shape == (2, 5) and (out["layer2"] >= 0).all()
+    assert count_parameters(model) == sum(c.weight.numel() for c in convs) + 2 * (4 * 5 + 6 * 4 + 8 * 4) + 8 * 5 + 5
+
+
+@pytest.mark.parametrize("depth, split", [(4, (1, 1, 1)), (5, (1, 1, 2)), (6, (1, 2, 2)), (7, (2, 2, 2)), (19, (6, 6, 6))])
+def test_plain_cnn_splits_convs_evenly_extra_ones_late(depth, split):
+    assert PlainCNN.convs_per_stage(depth) == split
+    model = PlainCNN(depth, (2, 3, 4), 10)
+    assert [sum(isinstance(m, nn.Conv2d) for m in s.modules()) for s in (model.layer1, model.layer2, model.layer3)] == list(split)
+
+
+def test_plain_cnn_without_batch_norm_has_biases_and_no_bn():
+    model = PlainCNN(7, (4, 4, 4), 10, batch_norm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is not None and torch.equal(c.bias, torch.zeros_like(c.bias)) for c in convs)
+    assert "batch_norm=False" in repr(model)
+    assert all(m.bias is None for m in PlainCNN(7, (4, 4, 4), 10).modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("depth, widths, match", [(3, (4, 4, 4), "depth"), (7.0, (4, 4, 4), "depth"),
+                                                  (7, (4, 4), "widths"), (7, (4, 0, 4), "widths")])
+def test_plain_cnn_rejects_bad_arguments(depth, widths, match):
+    with pytest.raises(ValueError, match=match):
+        PlainCNN(depth, widths, 10)
