@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import math
 import warnings
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -77,6 +76,8 @@ __all__ = [
     "ensemble_scores",
     "ensemble_ladder",
     "metrics_table",
+    "toy_ensemble_1d",
+    "plot_toy_ensemble",
     "plot_diversity_by_confidence",
     "plot_perturbation",
     "check_batch_ensemble_linear",
@@ -616,18 +617,23 @@ class OneToOneDistillation(nn.Module):
         self.teacher.eval()  # the teacher's BatchNorm statistics never move
         return self
 
+    def perturb_unit(self, u: torch.Tensor) -> torch.Tensor:
+        """$\\tilde u$ for a batch of images ``u`` in $[0, 1]$ (in $[0, 1]$ too): Gaussian noise,
+        or an ODS/ConfODS step from one teacher member drawn for the whole batch."""
+        if self.perturbation == "kd":
+            return u
+        if self.perturbation == "gaussian":
+            return (u + self.eta * torch.randn_like(u)).clamp(0, 1)
+        j = int(torch.randint(self.teacher.ensemble_size, ()))  # one teacher per batch (CPU draw: no sync)
+        teacher_j = lambda v: self.teacher.member_forward(j, from_unit_range(v, self.mean, self.std))  # noqa: E731
+        return _ods_step(teacher_j, u, self.eta, None, self.temperature, self.perturbation == "confods")
+
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
-        """$\\tilde x$ for a batch of normalised images ``x`` (normalised too)."""
+        """$\\tilde x$ for a batch of the loader's normalised images ``x``: un-normalise to
+        $[0, 1]$, perturb (:meth:`perturb_unit`), normalise again."""
         if self.perturbation == "kd":
             return x
-        u = to_unit_range(x, self.mean, self.std)
-        if self.perturbation == "gaussian":
-            u = (u + self.eta * torch.randn_like(u)).clamp(0, 1)
-        else:
-            j = int(torch.randint(self.teacher.ensemble_size, ()))  # one teacher per batch (CPU draw: no sync)
-            teacher_j = lambda v: self.teacher.member_forward(j, from_unit_range(v, self.mean, self.std))  # noqa: E731
-            u = _ods_step(teacher_j, u, self.eta, None, self.temperature, self.perturbation == "confods")
-        return from_unit_range(u, self.mean, self.std)
+        return from_unit_range(self.perturb_unit(to_unit_range(x, self.mean, self.std)), self.mean, self.std)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.teacher.ensemble_size
@@ -686,7 +692,9 @@ def _tempered_jvp(fn, x, delta, temperature):
     check_temperature(temperature)
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
-    return jvp(lambda v: fn(v) / temperature, (x,), (delta,))
+    with warnings.catch_warnings():  # torch's first jvp builds its decompositions with the deprecated jit.script
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        return jvp(lambda v: fn(v) / temperature, (x,), (delta,))
 
 
 def perturbed_kl(teacher_fn: Callable, student_fn: Callable, x: torch.Tensor, delta: torch.Tensor, eta: float,
@@ -851,35 +859,101 @@ REPORTED = {
 }
 
 
+# -- the idea, in one dimension -----------------------------------------------------------------
+
+
+def toy_ensemble_1d(size: int = 4, steps: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The chapter's opening picture: ``size`` small MLPs (float64, CPU) fitted to eight labelled
+    points on a line, trained together as a :class:`DeepEnsemble` (full-batch Adam).
+
+    Returns ``x_train``, ``y_train``, a ``grid`` of 401 points on [-4, 4], the members'
+    class-1 probabilities there (``probs`` ``[M, 401, 2]``) and their diversity
+    :func:`~minidistill.metrics.pairwise_kl` on the grid (``diversity``) and at the training
+    points (``diversity_train``).
+    """
+    x_train = torch.tensor([-3.0, -2.6, -1.0, -0.6, 0.6, 1.0, 2.6, 3.0], dtype=torch.float64).unsqueeze(1)
+    y_train = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    members = []
+    for j in range(size):
+        seed_everything(seed + j)
+        members.append(nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2)).double())
+    ensemble = DeepEnsemble(members).train()
+    opt = torch.optim.Adam(ensemble.parameters(), lr=0.02)
+    objective = EnsembleCrossEntropy()
+    for _ in range(steps):
+        loss, _ = objective(ensemble, x_train, y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    grid = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
+    with torch.no_grad():
+        probs = ensemble.member_logits(grid).softmax(-1)
+        probs_train = ensemble.member_logits(x_train).softmax(-1)
+    return {"x_train": x_train.squeeze(1), "y_train": y_train, "grid": grid.squeeze(1), "probs": probs,
+            "diversity": metrics.pairwise_kl(probs), "diversity_train": metrics.pairwise_kl(probs_train),
+            "train_acc": (probs_train.argmax(-1) == y_train).double().mean(-1)}
+
+
+def plot_toy_ensemble(toy: Mapping[str, torch.Tensor], title: str = "Members agree on the training points, not between them"):
+    """Top: each member's probability of class 1 along the line, with the training points.
+    Bottom: the members' pairwise KL (log scale), with the training inputs marked."""
+    fig, (ax, ax_d) = plt.subplots(2, 1, figsize=(5.2, 3.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for j in range(toy["probs"].shape[0]):
+        ax.plot(toy["grid"].numpy(), toy["probs"][j, :, 1].numpy(), lw=1.2, label=f"member {j + 1}")
+    for c, marker in ((0, "o"), (1, "s")):
+        sel = toy["y_train"] == c
+        ax.scatter(toy["x_train"][sel].numpy(), torch.full((int(sel.sum()),), float(c)).numpy(), marker=marker,
+                   color="k", zorder=3, label=f"training points, class {c}")
+    ax.set_ylabel("p(class 1 | x)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax_d.semilogy(toy["grid"].numpy(), toy["diversity"].clamp_min(1e-12).numpy(), color="C4", label="pairwise KL d(x)")
+    for x in toy["x_train"].tolist():
+        ax_d.axvline(x, color="k", lw=0.6, ls=":")
+    ax_d.set_xlabel("input x")
+    ax_d.set_ylabel("members' diversity")
+    ax_d.legend(fontsize=7)
+    for a in (ax, ax_d):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # -- figures -----------------------------------------------------------------------------------
 
 
 def plot_diversity_by_confidence(member_probs: Mapping[str, torch.Tensor], n_bins: int = 10,
-                                 title: str = "Members' diversity by the ensemble's confidence"):
+                                 title: str = "Members' diversity by the ensemble's confidence",
+                                 show_counts: bool = True):
     """The paper's Figure 3 idea: for each ``{label: member_probs [M, N, K]}``, the mean pairwise
-    KL between members per confidence bin (left, log scale) and the inputs per bin (right).
-    Labels get the count-weighted mean diversity appended."""
+    KL between members per confidence bin (log scale) and, with ``show_counts``, the inputs per
+    bin in a second panel. Labels get the count-weighted mean diversity appended."""
     if not member_probs:
         raise ValueError("member_probs must map at least one label to [M, N, K] probabilities")
-    fig, (ax, ax_n) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    if show_counts:
+        fig, (ax, ax_n) = plt.subplots(1, 2, figsize=(7.6, 2.9))
+    else:
+        fig, ax = plt.subplots(figsize=(4.6, 3.0))
     for i, (label, probs) in enumerate(member_probs.items()):
         c = metrics.diversity_by_confidence(probs, n_bins)
         ok = c["count"] > 0
         centres = ((c["edges"][:-1] + c["edges"][1:]) / 2)
         ax.plot(centres[ok].numpy(), c["diversity"][ok].clamp_min(1e-8).numpy(), "o-", ms=3, color=f"C{i}",
                 label=f"{label} (mean {c['mean'].item():.3g})")
-        ax_n.plot(centres[ok].numpy(), c["count"][ok].numpy(), "o-", ms=3, color=f"C{i}", label=label)
+        if show_counts:
+            ax_n.plot(centres[ok].numpy(), c["count"][ok].numpy(), "o-", ms=3, color=f"C{i}", label=label)
+    axes = [ax]
     ax.set_yscale("log")
-    ax.set_xlabel("ensemble confidence (max mean probability)")
-    ax.set_ylabel("mean pairwise KL between members")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax_n.set_yscale("log")
-    ax_n.set_xlabel("ensemble confidence (max mean probability)")
-    ax_n.set_ylabel("inputs per bin")
-    ax_n.set_title("How many inputs fall in each bin")
-    ax_n.legend(fontsize=7)
-    for a in (ax, ax_n):
+    ax.set_ylabel("mean pairwise KL")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6)
+    if show_counts:
+        ax_n.set_yscale("log")
+        ax_n.set_ylabel("inputs per bin")
+        ax_n.set_title("Inputs in each bin", fontsize=10)
+        axes.append(ax_n)
+    for a in axes:
+        a.set_xlabel("ensemble confidence (max mean prob.)")
         a.set_xlim(0, 1)
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -899,14 +973,15 @@ def plot_perturbation(image: torch.Tensor, perturbed: Mapping[str, torch.Tensor]
         raise ValueError(f"member_probs lacks {missing}; give [M, K] probabilities for 'clean' and every perturbed image")
     images = {"clean": image, **perturbed}
     top = member_probs["clean"].mean(0).topk(min(4, len(class_names))).indices
-    fig, axes = plt.subplots(3, len(labels), figsize=(2.8 * len(labels), 7.2), squeeze=False)
+    fig, axes = plt.subplots(3, len(labels), figsize=(1.9 * len(labels), 4.8), squeeze=False)
     for col, lb in enumerate(labels):
         img = images[lb].detach().cpu().float()
-        axes[0, col].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[0, col].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         axes[0, col].set_title(lb, fontsize=9)
         diff = (img - image.detach().cpu().float()).mean(0)
         scale = diff.abs().max().item()
-        axes[1, col].imshow(diff.numpy(), cmap="coolwarm", vmin=-max(scale, 1e-12), vmax=max(scale, 1e-12))
+        axes[1, col].imshow(diff.numpy(), cmap="coolwarm", vmin=-max(scale, 1e-12), vmax=max(scale, 1e-12),
+                           interpolation="nearest")
         rms = (img - image.detach().cpu().float()).pow(2).mean().sqrt().item()
         axes[1, col].set_title(f"change (RMS {rms * 255:.2f}/255)", fontsize=8)
         for a in axes[:2, col]:

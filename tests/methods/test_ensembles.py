@@ -26,6 +26,12 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(scope="module")
+def small():
+    """256 training and 32 test images of 8x8 pixels: enough for a few SGD steps, fast on a CPU."""
+    return make_shapes(n_train=256, n_test=32, size=8)
+
+
 def test_all_names_exist():
     for name in E.__all__:
         assert hasattr(E, name), name
@@ -203,9 +209,8 @@ def test_deep_ensemble_survives_channels_last_conversion():
     assert torch.allclose(before, after, atol=1e-5)
 
 
-def test_training_the_vmapped_ensemble_equals_training_members_alone(tiny):
+def test_training_the_vmapped_ensemble_equals_training_members_alone(small):
     """One fit of the stacked ensemble = one fit per member with the same batches."""
-    small = E.subset(tiny, 256, 32)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.1)  # two steps: momentum and weight decay matter
     de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
     hist = fit(de, small, E.EnsembleCrossEntropy(), recipe, seed=0)
@@ -235,8 +240,8 @@ def test_ensemble_log_probs_is_the_log_of_mean_probabilities():
         E.ensemble_log_probs(z[0])
 
 
-def test_pretrained_ensemble_caches_and_refuses_stale_files(tiny, data_dir):
-    tiny = E.subset(tiny, 128, 32)
+def test_pretrained_ensemble_caches_and_refuses_stale_files(small, data_dir):
+    tiny = E.subset(small, 128)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
     first = E.pretrained_ensemble(tiny, 8, 4, 2, recipe=recipe, profile="smoke")
     assert not first.cached and first.path.exists() and first.path.parent == data_dir / "checkpoints"
@@ -437,7 +442,7 @@ def test_one_to_one_rejects_bad_configuration(tiny):
         E.OneToOneDistillation(de)(E.BatchEnsembleResNet(8, 4, 10, 3), torch.randn(2, 3, 12, 12), torch.tensor([0, 1]))
 
 
-def test_train_student_same_start_for_every_method(tiny, monkeypatch):
+def test_train_student_same_start_for_every_method(small, monkeypatch):
     de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
     seen = []
     real_fit = E.fit
@@ -448,7 +453,7 @@ def test_train_student_same_start_for_every_method(tiny, monkeypatch):
 
     monkeypatch.setattr(E, "fit", spy)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
-    tiny = E.subset(tiny, 128, 32)
+    tiny = E.subset(small, 128)
     with_val = dataclasses.replace(tiny, x_val=tiny.x_test[:16], y_val=tiny.y_test[:16])
     for method in ("kd", "ods"):
         student, hist = E.train_student(de, with_val, recipe, method, depth=8, width=4, seed=5)
@@ -558,6 +563,9 @@ def test_plot_diversity_by_confidence_labels_everything():
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() and ax_n.get_ylabel()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0].startswith("train (mean ") and len(labels) == 2
+    mean = metrics.pairwise_kl(probs).mean().item()
+    assert labels[0] == f"train (mean {mean:.3g})"
+    assert len(E.plot_diversity_by_confidence({"train": probs}, show_counts=False).axes) == 1
     with pytest.raises(ValueError, match="at least one"):
         E.plot_diversity_by_confidence({})
 
@@ -649,3 +657,17 @@ def test_checks_report_unattempted_exercises(capsys):
     E.check_ods_step(todo)
     E.check_pairwise_kl(todo)
     assert capsys.readouterr().out.count("not attempted yet") == 3
+
+
+# --- the opening picture ----------------------------------------------------------------------------
+
+def test_toy_ensemble_members_agree_on_training_points_and_not_between():
+    toy = E.toy_ensemble_1d()
+    assert toy["probs"].shape == (4, 401, 2) and toy["grid"].shape == (401,)
+    assert bool((toy["train_acc"] == 1).all())
+    assert toy["diversity_train"].max() < 0.01 * toy["diversity"].max()
+    short = E.toy_ensemble_1d(size=2, steps=3)
+    assert torch.equal(short["probs"], E.toy_ensemble_1d(size=2, steps=3)["probs"])  # deterministic (float64, seeds)
+    fig = E.plot_toy_ensemble(toy)
+    ax, ax_d = fig.axes
+    assert ax.get_ylabel() and ax_d.get_xlabel() == "input x" and ax.get_legend() is not None
