@@ -46,7 +46,7 @@ from ..losses import check_temperature, distillation_loss, kd_loss
 from ..models import CifarResNet
 from ..report import format_mean_std
 from ..runtime import Profile, data_root, get_device, get_profile, seed_everything
-from ..train import History, Recipe, Trained, _autocast, _autocast_dtype, _save_atomic, _state_digest, fit
+from ..train import History, Recipe, Trained, _autocast, _autocast_dtype, fit, load_or_train
 
 __all__ = [
     "METHODS",
@@ -319,25 +319,11 @@ def pretrained_ensemble(
                      f"-s{seed}-{recipe.key()}.pt")
     dev = get_device(device) if device is not None else prof.device
     model = new_deep_ensemble(depth, width, data.num_classes, size, seed)
-    if path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if state["meta"] != meta:
-                raise ValueError(f"metadata {state['meta']} differ from {meta}")
-            if _state_digest(state["model"]) != state["digest"]:
-                raise ValueError("weights do not match their stored digest")
-            model.load_state_dict(state["model"])
-            return Trained(model.to(dev).eval(), History.from_dict(state["history"]), path, True)
-        except Exception as e:  # corrupt, truncated or mismatched: retrain
-            warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {e}); retraining", stacklevel=2)
-            path.unlink()
-    partial = path.with_name(path.stem + ".partial.pt")
-    history = fit(model, data, EnsembleCrossEntropy(), recipe, seed=seed, device=dev, checkpoint=partial,
-                  progress=progress, description=f"DE-{size} resnet{depth} (teacher)")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _save_atomic({"meta": meta, "model": state, "digest": _state_digest(state), "history": history.to_dict()}, path)
-    partial.unlink(missing_ok=True)
-    return Trained(model.eval(), history, path, False)
+    return load_or_train(
+        path, meta, model,
+        lambda partial: fit(model, data, EnsembleCrossEntropy(), recipe, seed=seed, device=dev, checkpoint=partial,
+                            progress=progress, description=f"DE-{size} resnet{depth} (teacher)"),
+        device=dev)
 
 
 # -- BatchEnsemble -------------------------------------------------------------------------------
