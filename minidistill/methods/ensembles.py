@@ -329,15 +329,22 @@ def pretrained_ensemble(
 # -- BatchEnsemble -------------------------------------------------------------------------------
 
 
-def _member_rows(t: torch.Tensor, n: int, layer: str) -> torch.Tensor:
-    """Per-member vectors ``[M, C]`` repeated to one per batch row ``[n, C]``: row ``i``
-    belongs to member ``i // (n / M)`` (M consecutive blocks)."""
-    m = t.shape[0]
+def _blocks(x: torch.Tensor, m: int, layer: str) -> torch.Tensor:
+    """``[M*B, ...]`` viewed as ``[M, B, ...]``: row ``i`` belongs to member ``i // B`` (M
+    consecutive blocks). Broadcasting a per-member ``[M, C]`` vector over a block is then one
+    elementwise kernel, with no per-row copy of the vector."""
+    n = x.shape[0]
     if n % m:
         raise ValueError(f"{layer}: the input has {n} rows, not a multiple of ensemble_size={m}; a BatchEnsemble "
                          "batch holds M consecutive blocks of rows, block j for member j (tile a batch "
                          "with x.repeat(M, 1, ...))")
-    return t.repeat_interleave(n // m, dim=0)
+    return x.view(m, n // m, *x.shape[1:])
+
+
+def _per_member(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-member vector ``[M, C]`` shaped to broadcast over ``[M, B, C, ...]`` blocks (in the
+    blocks' dtype, so that bf16 activations stay bf16 under autocast)."""
+    return t.to(like.dtype).view(t.shape[0], 1, t.shape[1], *[1] * (like.ndim - 3))
 
 
 def _init_fast_weights(*tensors: torch.Tensor) -> None:
@@ -372,10 +379,12 @@ class BatchEnsembleLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"BatchEnsembleLinear expects [M*B, {self.in_features}] inputs, got {tuple(x.shape)}")
-        n = x.shape[0]
-        y = F.linear(x * _member_rows(self.r, n, "BatchEnsembleLinear").to(x.dtype), self.weight)
-        y = y * _member_rows(self.s, n, "BatchEnsembleLinear").to(y.dtype)
-        return y if self.bias is None else y + _member_rows(self.bias, n, "BatchEnsembleLinear").to(y.dtype)
+        xb = _blocks(x, self.ensemble_size, "BatchEnsembleLinear")  # [M, B, in]
+        yb = F.linear(xb * _per_member(self.r, xb), self.weight)     # (x o r_j) W^T
+        yb = yb * _per_member(self.s, yb)                            # ... o s_j
+        if self.bias is not None:
+            yb = yb + _per_member(self.bias, yb)                     # ... + b_j
+        return yb.flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, ensemble_size={self.ensemble_size}, bias={self.bias is not None}"
@@ -408,13 +417,15 @@ class BatchEnsembleConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"BatchEnsembleConv2d expects [M*B, {self.in_channels}, H, W] inputs, got {tuple(x.shape)}")
-        n = x.shape[0]
-        r = _member_rows(self.r, n, "BatchEnsembleConv2d").to(x.dtype)[:, :, None, None]
-        y = F.conv2d(x * r, self.weight, None, self.stride, self.padding)
-        y = y * _member_rows(self.s, n, "BatchEnsembleConv2d").to(y.dtype)[:, :, None, None]
+        m = self.ensemble_size
+        xb = _blocks(x, m, "BatchEnsembleConv2d")                      # [M, B, C, H, W]
+        y = F.conv2d((xb * _per_member(self.r, xb)).flatten(0, 1),    # scale input channels by r_j,
+                     self.weight, None, self.stride, self.padding)     # one shared convolution,
+        yb = y.view(m, -1, *y.shape[1:])
+        yb = yb * _per_member(self.s, yb)                              # scale output channels by s_j
         if self.bias is not None:
-            y = y + _member_rows(self.bias, n, "BatchEnsembleConv2d").to(y.dtype)[:, :, None, None]
-        return y
+            yb = yb + _per_member(self.bias, yb)                       # and add b_j
+        return yb.flatten(0, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -671,3 +671,15 @@ def test_toy_ensemble_members_agree_on_training_points_and_not_between():
     fig = E.plot_toy_ensemble(toy)
     ax, ax_d = fig.axes
     assert ax.get_ylabel() and ax_d.get_xlabel() == "input x" and ax.get_legend() is not None
+
+
+def test_batch_ensemble_layers_keep_bf16_and_channels_last_under_autocast():
+    """Fast weights are cast to the activations' dtype: bf16 stays bf16 (no silent float32 copies)."""
+    conv = E.BatchEnsembleConv2d(3, 8, 3, 2, padding=1)
+    lin = E.BatchEnsembleLinear(8, 3, 2)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        z = lin(y.mean((2, 3)))
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert z.dtype == torch.bfloat16 and z.shape == (4, 3)
