@@ -43,6 +43,7 @@ __all__ = [
     "evaluate",
     "Trained",
     "pretrained",
+    "load_or_train",
 ]
 
 
@@ -421,6 +422,25 @@ def pretrained(
     dev = get_device(device) if device is not None else prof.device
     seed_everything(seed)
     model = create_model(name, data.num_classes)
+    return load_or_train(
+        path, meta, model,
+        lambda partial: fit(model, data, recipe=recipe, seed=seed, device=dev, compile=compile,
+                            checkpoint=partial, progress=progress, description=f"{name} (teacher)"),
+        device=dev)
+
+
+def load_or_train(path: Path, meta: dict[str, Any], model: nn.Module, train_fn,
+                  device: str | torch.device | None = None) -> Trained:
+    """The cache behind :func:`pretrained`, for models it cannot build (an ensemble, say).
+
+    If ``path`` holds a checkpoint whose ``meta`` equals ``meta`` and whose weights hash to the
+    stored digest, its weights are loaded into ``model`` (moved to ``device``, eval mode).
+    Otherwise -- missing, corrupt, truncated, tampered or mismatched, the last four with a
+    warning -- ``train_fn(partial)`` trains ``model`` in place and returns its
+    :class:`History` (``partial`` is the path to pass to :func:`fit` as ``checkpoint``, so an
+    interrupted run resumes), and the result is saved atomically with its digest.
+    """
+    path = Path(path)
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -429,13 +449,13 @@ def pretrained(
             if _state_digest(state["model"]) != state["digest"]:
                 raise ValueError("weights do not match their stored digest")
             model.load_state_dict(state["model"])
-            return Trained(model.to(dev).eval(), History.from_dict(state["history"]), path, True)
+            model = model.to(get_device(device)) if device is not None else model
+            return Trained(model.eval(), History.from_dict(state["history"]), path, True)
         except Exception as e:  # corrupt, truncated or mismatched: retrain
-            warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {e}); retraining", stacklevel=2)
+            warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {e}); retraining", stacklevel=3)
             path.unlink()
     partial = path.with_name(path.stem + ".partial.pt")
-    history = fit(model, data, recipe=recipe, seed=seed, device=dev, compile=compile,
-                  checkpoint=partial, progress=progress, description=f"{name} (teacher)")
+    history = train_fn(partial)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _save_atomic({"meta": meta, "model": state, "digest": _state_digest(state),
                   "history": history.to_dict()}, path)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minidistill import metrics as metrics_mod
-from minidistill.metrics import accuracy, brier_score, expected_calibration_error, nll, reliability_curve
+from minidistill.metrics import (accuracy, brier_score, deep_ensemble_equivalent, diversity_by_confidence,
+                                 expected_calibration_error, fit_temperature, nll, pairwise_kl, reliability_curve)
 
 # Six samples, three classes; with 5 bins (edges 0, .2, .4, .6, .8, 1) the confidences fall
 # two each into bins 2, 3 and 4, well away from the edges.
@@ -172,3 +173,115 @@ def test_probability_metrics_reject_bad_targets(fn):
 def test_bad_bin_count_raises(n_bins):
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(P6, Y6, n_bins)
+
+
+# --- temperature scaling ----------------------------------------------------------------------
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    g = torch.Generator().manual_seed(1)
+    z = 3 * torch.randn(20000, 5, generator=g, dtype=torch.float64)
+    y = torch.multinomial((z / 2.5).softmax(-1), 1, generator=g).squeeze(1)  # labels drawn at T = 2.5
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(2.5, rel=0.05)
+    # it is the minimiser: a grid around it has no lower NLL
+    grid = [t * f for f in (0.8, 0.9, 0.97, 1.03, 1.1, 1.25)]
+    best = nll((z / t).softmax(-1), y)
+    assert all(nll((z / s).softmax(-1), y) >= best - 1e-9 for s in grid)
+
+
+def test_fit_temperature_ignores_a_constant_shift_and_clips_to_bounds():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(500, 4, generator=g, dtype=torch.float64)
+    y = z.argmax(-1)  # always right: sharpen as far as allowed
+    assert fit_temperature(z, y, bounds=(0.1, 10.0)) == 0.1
+    assert fit_temperature(z + 100.0, y, bounds=(0.1, 10.0)) == 0.1
+    y_rand = torch.randint(0, 4, (500,), generator=g)
+    t = fit_temperature(z, y_rand)
+    assert t == pytest.approx(fit_temperature(z - 7.0, y_rand), rel=1e-9)
+    with pytest.raises(ValueError, match="bounds"):
+        fit_temperature(z, y, bounds=(1.0, 0.5))
+    with pytest.raises(ValueError, match="finite"):
+        fit_temperature(torch.full((2, 3), -float("inf")), torch.tensor([0, 1]))
+
+
+# --- ensemble diversity -------------------------------------------------------------------------
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def test_pairwise_kl_by_hand():
+    members = [[0.7, 0.2, 0.1], [0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]
+    probs = torch.tensor(members, dtype=torch.float64).unsqueeze(1)  # [M=3, N=1, K=3]
+    want = sum(kl(members[j], members[i]) for i in range(3) for j in range(3) if i != j) / 6
+    assert pairwise_kl(probs).tolist() == pytest.approx([want], rel=1e-12)
+
+
+def test_pairwise_kl_is_zero_for_identical_members_and_per_input():
+    g = torch.Generator().manual_seed(3)
+    p = (2 * torch.randn(1, 7, 4, generator=g)).softmax(-1).repeat(3, 1, 1)
+    assert torch.allclose(pairwise_kl(p), torch.zeros(7, dtype=torch.float64), atol=1e-7)
+    q = (2 * torch.randn(4, 7, 4, generator=g, dtype=torch.float64)).softmax(-1)
+    loop = [sum(kl(q[j, n].tolist(), q[i, n].tolist()) for i in range(4) for j in range(4) if i != j) / 12 for n in range(7)]
+    assert pairwise_kl(q).tolist() == pytest.approx(loop, rel=1e-10)
+
+
+def test_pairwise_kl_handles_zeros_and_rejects_bad_input():
+    p = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]], dtype=torch.float64)
+    # KL((.5, .5) || (1, 0)) is infinite; the log is clamped at 1e-12, so it is large but finite
+    huge = 0.5 * math.log(0.5) + 0.5 * math.log(0.5 / 1e-12)
+    assert pairwise_kl(p).item() == pytest.approx((math.log(2) + huge) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match=r"\[M, N, K\]"):
+        pairwise_kl(torch.full((4, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"M >= 2"):
+        pairwise_kl(torch.full((1, 4, 3), 1 / 3))
+    with pytest.raises(ValueError, match="sum to one"):
+        pairwise_kl(torch.randn(2, 4, 3))
+
+
+def test_diversity_by_confidence_by_hand():
+    # input 0: identical members, confidence .9; input 1: two members, confidence .55
+    probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4]],
+                          [[0.9, 0.1], [0.5, 0.5]]], dtype=torch.float64)
+    c = diversity_by_confidence(probs, n_bins=4)  # edges 0, .25, .5, .75, 1
+    assert c["count"].tolist() == [0, 0, 1, 1]
+    assert c["confidence"][2:].tolist() == pytest.approx([0.55, 0.9])
+    d1 = (kl([0.6, 0.4], [0.5, 0.5]) + kl([0.5, 0.5], [0.6, 0.4])) / 2
+    assert c["diversity"][2].item() == pytest.approx(d1) and c["diversity"][3].item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.isnan(c["diversity"][:2]).all()
+    assert c["mean"].item() == pytest.approx(d1 / 2)  # count-weighted = mean over inputs
+
+
+def test_diversity_by_confidence_mean_is_the_count_weighted_average():
+    g = torch.Generator().manual_seed(4)
+    p = (3 * torch.randn(3, 200, 6, generator=g, dtype=torch.float64)).softmax(-1)
+    c = diversity_by_confidence(p, n_bins=7)
+    ok = c["count"] > 0
+    assert c["count"].sum().item() == 200
+    assert c["mean"].item() == pytest.approx((c["count"][ok] * c["diversity"][ok]).sum().item() / 200)
+    assert c["mean"].item() == pytest.approx(pairwise_kl(p).mean().item())
+    with pytest.raises(ValueError, match="n_bins"):
+        diversity_by_confidence(p, n_bins=0)
+
+
+# --- Deep Ensemble Equivalent -------------------------------------------------------------------
+
+def test_dee_interpolates_between_ensemble_sizes():
+    ladder = [0.80, 0.72, 0.69, 0.68]  # NLL of DE-1..DE-4
+    assert deep_ensemble_equivalent(0.72, ladder) == pytest.approx(2.0)
+    assert deep_ensemble_equivalent(0.76, ladder) == pytest.approx(1.5)
+    assert deep_ensemble_equivalent(0.70, ladder) == pytest.approx(2 + 2 / 3)
+    assert deep_ensemble_equivalent(0.68, ladder) == pytest.approx(4.0)
+
+
+def test_dee_floor_ceiling_and_bad_input():
+    ladder = [0.80, 0.72, 0.69, 0.68]
+    assert deep_ensemble_equivalent(0.95, ladder) == 1.0  # worse than one member
+    assert deep_ensemble_equivalent(0.80, ladder) == 1.0
+    assert deep_ensemble_equivalent(0.60, ladder) == math.inf  # better than the largest ensemble
+    # the first crossing counts when the ladder is not monotone
+    assert deep_ensemble_equivalent(0.70, [0.8, 0.7, 0.75, 0.6]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="ensemble_nlls"):
+        deep_ensemble_equivalent(0.7, [])
+    with pytest.raises(ValueError, match="nll_value"):
+        deep_ensemble_equivalent(float("nan"), ladder)

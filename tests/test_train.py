@@ -33,6 +33,7 @@ from minidistill.train import (
     default_recipe,
     evaluate,
     fit,
+    load_or_train,
     predict,
     pretrained,
 )
@@ -560,3 +561,26 @@ def test_pretrained_by_dataset_name_loads_from_root(tiny, tmp_path, monkeypatch)
 def test_pretrained_unknown_model_raises(tiny):
     with pytest.raises(ValueError, match="unknown model 'resnet9'"):
         pretrained("resnet9", tiny, recipe=ONE_EPOCH, profile="smoke", device="cpu")
+
+
+def test_load_or_train_caches_any_model(tmp_path):
+    """The cache behind pretrained works for a model pretrained cannot build."""
+    calls = []
+
+    def train_fn(partial):
+        calls.append(partial)
+        with torch.no_grad():
+            model.weight.fill_(0.5)
+        return History([{"epoch": 1, "test_acc": 50.0}], {"note": "fake"})
+
+    path = tmp_path / "custom.pt"
+    model = nn.Linear(3, 2)
+    first = load_or_train(path, {"kind": "custom", "v": 1}, model, train_fn)
+    assert not first.cached and path.exists() and calls == [tmp_path / "custom.partial.pt"]
+    model = nn.Linear(3, 2)  # a fresh model gets the cached weights
+    second = load_or_train(path, {"kind": "custom", "v": 1}, model, train_fn)
+    assert second.cached and len(calls) == 1 and torch.all(second.model.weight == 0.5)
+    assert second.history.final() == 50.0 and not second.model.training
+    with pytest.warns(UserWarning, match="metadata"):
+        third = load_or_train(path, {"kind": "custom", "v": 2}, nn.Linear(3, 2), train_fn)
+    assert not third.cached and len(calls) == 2
