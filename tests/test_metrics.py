@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidistill import metrics as metrics_mod
-from minidistill.metrics import accuracy, brier_score, expected_calibration_error, nll, reliability_curve
+from minidistill.metrics import accuracy, auroc, brier_score, expected_calibration_error, nll, reliability_curve
 
 # Six samples, three classes; with 5 bins (edges 0, .2, .4, .6, .8, 1) the confidences fall
 # two each into bins 2, 3 and 4, well away from the edges.
@@ -172,3 +172,57 @@ def test_probability_metrics_reject_bad_targets(fn):
 def test_bad_bin_count_raises(n_bins):
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(P6, Y6, n_bins)
+
+
+# --- AUROC ----------------------------------------------------------------------------------
+
+def auroc_pairs(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC by its definition: every positive-negative pair, ties counting one half."""
+    pos = [s for s, l in zip(scores.tolist(), labels.tolist()) if l == 1]
+    neg = [s for s, l in zip(scores.tolist(), labels.tolist()) if l == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_hand_values():
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: three of the four pairs are ranked right
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 1])) == 1.0
+    assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
+    assert auroc(torch.tensor([5.0, 5.0, 5.0, 5.0]), torch.tensor([1, 0, 1, 0])) == 0.5
+    # one tie between a positive and a negative counts one half: (1 + 0.5) / 2
+    assert auroc(torch.tensor([2.0, 1.0, 1.0]), torch.tensor([1, 1, 0])) == pytest.approx(0.75)
+
+
+def test_auroc_matches_the_pairwise_definition_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randint(0, 6, (80,), generator=g).double()   # many ties
+        labels = torch.randint(0, 2, (80,), generator=g)
+        assert auroc(scores, labels) == pytest.approx(auroc_pairs(scores, labels), abs=1e-12)
+
+
+def test_auroc_is_invariant_to_monotone_maps_and_flips_with_the_labels():
+    g = torch.Generator().manual_seed(1)
+    scores, labels = torch.randn(200, generator=g), torch.randint(0, 2, (200,), generator=g)
+    a = auroc(scores, labels)
+    assert auroc(scores.exp() * 3 + 1, labels) == pytest.approx(a)
+    assert auroc(scores, 1 - labels) == pytest.approx(1 - a)
+    assert auroc(scores, labels.bool()) == pytest.approx(a)
+
+
+def test_auroc_rejects_bad_input():
+    with pytest.raises(ValueError, match="both positives and negatives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="same length"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="1 for positives and 0 for negatives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="1 for positives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="finite"):
+        auroc(torch.tensor([0.1, float("nan")]), torch.tensor([1, 0]))
+
+
+def test_auroc_is_exported():
+    assert "auroc" in metrics_mod.__all__
