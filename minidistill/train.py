@@ -49,7 +49,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """What is learned: SGD with momentum and a one-cycle (or cosine, or constant) schedule."""
+    """What is learned: SGD with momentum and a one-cycle (or cosine, or constant) schedule.
+
+    ``optimizer="adam"`` uses Adam instead (betas 0.9, 0.999; ``weight_decay`` as its L2
+    term; ``momentum`` and ``nesterov`` are then unused), for methods whose papers train
+    with it (JEM, say).
+    """
 
     epochs: int = 30
     batch_size: int = 512
@@ -59,6 +64,7 @@ class Recipe:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -67,14 +73,23 @@ class Recipe:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
     def replace(self, **changes: Any) -> "Recipe":
         """A copy with some fields changed: ``recipe.replace(epochs=10)``."""
         return dataclasses.replace(self, **changes)
 
     def key(self) -> str:
-        """A short hash of every field: two recipes with the same key train the same way."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of every field: two recipes with the same key train the same way.
+
+        (``optimizer`` enters only when it is not the default ``'sgd'``, so SGD recipes keep
+        the keys, and cached teachers the file names, they had before the field existed.)
+        """
+        fields = dataclasses.asdict(self)
+        if fields["optimizer"] == "sgd":
+            del fields["optimizer"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def default_recipe(profile: Profile | str | None = None) -> Recipe:
@@ -280,8 +295,11 @@ def fit(
     if len(loader) == 0:
         raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                          weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                              weight_decay=recipe.weight_decay)
     sched = _make_schedule(opt, recipe, len(loader))
     dtype = _autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidistill import metrics as metrics_mod
-from minidistill.metrics import (accuracy, brier_score, deep_ensemble_equivalent, diversity_by_confidence,
+from minidistill.metrics import (accuracy, auroc, brier_score, deep_ensemble_equivalent, diversity_by_confidence,
                                  expected_calibration_error, fit_temperature, nll, pairwise_kl, reliability_curve)
 
 # Six samples, three classes; with 5 bins (edges 0, .2, .4, .6, .8, 1) the confidences fall
@@ -285,3 +285,57 @@ def test_dee_floor_ceiling_and_bad_input():
         deep_ensemble_equivalent(0.7, [])
     with pytest.raises(ValueError, match="nll_value"):
         deep_ensemble_equivalent(float("nan"), ladder)
+
+
+# --- AUROC ----------------------------------------------------------------------------------
+
+def auroc_pairs(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC by its definition: every positive-negative pair, ties counting one half."""
+    pos = [s for s, l in zip(scores.tolist(), labels.tolist()) if l == 1]
+    neg = [s for s, l in zip(scores.tolist(), labels.tolist()) if l == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_hand_values():
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: three of the four pairs are ranked right
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 1])) == 1.0
+    assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
+    assert auroc(torch.tensor([5.0, 5.0, 5.0, 5.0]), torch.tensor([1, 0, 1, 0])) == 0.5
+    # one tie between a positive and a negative counts one half: (1 + 0.5) / 2
+    assert auroc(torch.tensor([2.0, 1.0, 1.0]), torch.tensor([1, 1, 0])) == pytest.approx(0.75)
+
+
+def test_auroc_matches_the_pairwise_definition_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randint(0, 6, (80,), generator=g).double()   # many ties
+        labels = torch.randint(0, 2, (80,), generator=g)
+        assert auroc(scores, labels) == pytest.approx(auroc_pairs(scores, labels), abs=1e-12)
+
+
+def test_auroc_is_invariant_to_monotone_maps_and_flips_with_the_labels():
+    g = torch.Generator().manual_seed(1)
+    scores, labels = torch.randn(200, generator=g), torch.randint(0, 2, (200,), generator=g)
+    a = auroc(scores, labels)
+    assert auroc(scores.exp() * 3 + 1, labels) == pytest.approx(a)
+    assert auroc(scores, 1 - labels) == pytest.approx(1 - a)
+    assert auroc(scores, labels.bool()) == pytest.approx(a)
+
+
+def test_auroc_rejects_bad_input():
+    with pytest.raises(ValueError, match="both positives and negatives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="same length"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="1 for positives and 0 for negatives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="1 for positives"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="finite"):
+        auroc(torch.tensor([0.1, float("nan")]), torch.tensor([1, 0]))
+
+
+def test_auroc_is_exported():
+    assert "auroc" in metrics_mod.__all__

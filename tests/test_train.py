@@ -90,10 +90,41 @@ def test_recipe_key_is_stable_short_and_sensitive_to_every_field():
     assert base.key() == Recipe().key()
     assert len(base.key()) == 10 and all(c in "0123456789abcdef" for c in base.key())
     changes = dict(epochs=31, batch_size=256, lr=0.21, momentum=0.8, nesterov=False, weight_decay=1e-4,
-                   label_smoothing=0.1, schedule="cosine")
+                   label_smoothing=0.1, schedule="cosine", optimizer="adam")
     assert set(changes) == {f.name for f in dataclasses.fields(Recipe)}
     keys = {base.replace(**{k: v}).key() for k, v in changes.items()}
     assert len(keys) == len(changes) and base.key() not in keys
+
+
+def test_recipe_keys_of_sgd_recipes_did_not_change_when_the_optimizer_field_came():
+    # the values computed with the Recipe of commit ca1e18b, before `optimizer` existed: cached
+    # teachers keep their file names
+    assert Recipe().key() == "029459eee9"
+    assert Recipe(epochs=6, batch_size=128, lr=0.1).key() == "133030311b"
+    assert Recipe(optimizer="adam").key() != Recipe().key()
+
+
+def test_recipe_rejects_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+        Recipe(optimizer="rmsprop")
+
+
+def test_fit_uses_adam_when_the_recipe_says_so(tiny, monkeypatch):
+    made = []
+    for name in ("SGD", "Adam"):
+        cls = getattr(torch.optim, name)
+
+        def spy(*args, _cls=cls, **kwargs):
+            made.append((_cls.__name__, kwargs))
+            return _cls(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod.torch.optim, name, spy)
+    one = Recipe(epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, optimizer="adam")
+    fit(new_model(), tiny, recipe=one)
+    fit(new_model(), tiny, recipe=one.replace(optimizer="sgd", lr=0.05))
+    assert [m[0] for m in made] == ["Adam", "SGD"]
+    assert made[0][1] == {"lr": 1e-3, "weight_decay": 0.0}
+    assert made[1][1]["momentum"] == 0.9 and made[1][1]["nesterov"] is True
 
 
 def test_default_recipe_per_profile(monkeypatch):
