@@ -81,15 +81,8 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def key(self) -> str:
-        """A short hash of every field: two recipes with the same key train the same way.
-
-        (``optimizer`` enters only when it is not the default ``'sgd'``, so SGD recipes keep
-        the keys, and cached teachers the file names, they had before the field existed.)
-        """
-        fields = dataclasses.asdict(self)
-        if fields["optimizer"] == "sgd":
-            del fields["optimizer"]
-        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of every field: two recipes with the same key train the same way."""
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def default_recipe(profile: Profile | str | None = None) -> Recipe:

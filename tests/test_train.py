@@ -96,14 +96,6 @@ def test_recipe_key_is_stable_short_and_sensitive_to_every_field():
     assert len(keys) == len(changes) and base.key() not in keys
 
 
-def test_recipe_keys_of_sgd_recipes_did_not_change_when_the_optimizer_field_came():
-    # the values computed with the Recipe of commit ca1e18b, before `optimizer` existed: cached
-    # teachers keep their file names
-    assert Recipe().key() == "029459eee9"
-    assert Recipe(epochs=6, batch_size=128, lr=0.1).key() == "133030311b"
-    assert Recipe(optimizer="adam").key() != Recipe().key()
-
-
 def test_recipe_rejects_an_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
         Recipe(optimizer="rmsprop")
