@@ -398,13 +398,14 @@ def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temper
         f"Tf-KD reg effective target (α = {alpha:g}, w = {kl_weight:g})":
             torch.tensor([eff["target_correct"], eff["target_other"]], dtype=torch.float64),
         f"label smoothing, ε = {epsilon:g}": two(ls),
-        f"uniform 1/K": torch.tensor([u, u], dtype=torch.float64),
+        "uniform 1/K": torch.tensor([u, u], dtype=torch.float64),
     }
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.3))
     fig = plot_distributions(dists, ["correct class", f"each of the other {num_classes - 1}"],
                              title=f"Targets for one example, K = {num_classes}", log=True, annotate=True, ax=ax)
-    ax = fig.axes[0]
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
-    fig.set_size_inches(7.0, 4.6)
     fig.tight_layout()
     return fig
 

@@ -370,3 +370,12 @@ def test_checks_report_unattempted_exercises(capsys):
     tfkd.check_virtual_teacher(todo)
     tfkd.check_tau_effect(...)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+def test_plot_tfkd_targets_draws_into_a_given_axis_without_resizing_its_figure():
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3))
+    out = tfkd.plot_tfkd_targets(10, 0.9, 2.0, ax=a2)
+    assert out is fig and tuple(fig.get_size_inches()) == (9, 3)
+    assert len(a2.patches) == 10 and not a1.patches and "K = 10" in a2.get_title()
