@@ -1,0 +1,474 @@
+r"""Chapter 2 -- Yuan, Tay, Li, Wang & Feng (CVPR 2020), "Revisiting Knowledge Distillation via
+Label Smoothing Regularization" (Tf-KD).
+
+The chapter's claim: knowledge distillation is label smoothing with a *learned* smoothing
+distribution, and label smoothing is distillation from a *virtual* teacher. This room holds
+
+* the targets: :func:`label_smoothing_targets` (LSR), :func:`virtual_teacher` (the hand-made
+  teacher $p^d$) and :func:`tempered_virtual_teacher` (what the official code feeds the KL);
+* the losses: :func:`tfkd_reg_loss` (Tf-KD$_\mathrm{reg}$ as the official code computes it,
+  with a batch-mean KL) and its objective :class:`TfKDRegularization`;
+* the analysis: :func:`kl_to_uniform`, :func:`official_kl_weight` and
+  :func:`tfkd_reg_as_lsr`, which rewrites Tf-KD$_\mathrm{reg}$ as label smoothing;
+* the training recipes: :func:`train_model` (any objective) and :func:`tfkd_self`
+  (train, freeze a copy, distil into a fresh network);
+* the figures (:func:`plot_distributions`, :func:`plot_tfkd_targets`) and the exercises'
+  self-checks.
+
+Notation as in the chapter: $K$ classes, one-hot label $q$, uniform $u_k = 1/K$, student
+logits $z$ and $p = \mathrm{softmax}(z)$, $H(a, b) = -\sum_k a_k \log b_k$.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Dataset
+from ..losses import check_temperature
+from ..models import create_model
+from ..runtime import seed_everything
+from ..train import History, Recipe, fit
+
+__all__ = [
+    "OFFICIAL_CONFIGS",
+    "label_smoothing_targets",
+    "virtual_teacher",
+    "tempered_virtual_teacher",
+    "kl_to_uniform",
+    "official_kl_weight",
+    "tfkd_reg_loss",
+    "tfkd_reg_as_lsr",
+    "TfKDRegularization",
+    "train_model",
+    "SelfTrained",
+    "tfkd_self",
+    "plot_distributions",
+    "plot_tfkd_targets",
+    "check_virtual_teacher",
+    "check_tau_effect",
+]
+
+FORMS = ("code", "paper")
+
+# Tf-KD_reg hyperparameters of the official CIFAR-100 runs (experiments/**/params.json of
+# yuanli2333/Teacher-free-Knowledge-Distillation, as quoted in the course's paper spec):
+# alpha weighs the KL (the cross-entropy gets 1 - alpha), T divides the virtual teacher's
+# probabilities, multiplier scales nn.KLDivLoss()'s mean over N*K. The virtual teacher puts
+# a = 0.99 on the correct class in every run.
+OFFICIAL_CONFIGS: dict[str, dict[str, float]] = {
+    "MobileNetV2": {"alpha": 0.95, "temperature": 40.0, "multiplier": 1.0},
+    "ShuffleNetV2": {"alpha": 0.95, "temperature": 10.0, "multiplier": 1.0},
+    "ResNet18": {"alpha": 0.1, "temperature": 20.0, "multiplier": 100.0},
+    "GoogLeNet": {"alpha": 0.1, "temperature": 40.0, "multiplier": 50.0},
+}
+
+
+# -- input checks ----------------------------------------------------------------------------
+
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+
+
+def _check_targets(targets: torch.Tensor, num_classes: int, n: int | None = None) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.dtype != torch.int64:
+        got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be a 1-D int64 tensor of class indices, got {got}")
+    if n is not None and len(targets) != n:
+        raise ValueError(f"targets has {len(targets)} entries but the logits have {n} rows")
+    if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"targets must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
+                         f"got values from {targets.min().item()} to {targets.max().item()}")
+
+
+def _check_prob(name: str, value: float, low_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 1.0 and (
+        value > 0.0 if low_open else value >= 0.0)
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"student_logits must be a float tensor [N, K], got {got}")
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+
+def _check_kl_weight(kl_weight: float) -> None:
+    if not (isinstance(kl_weight, (int, float)) and not isinstance(kl_weight, bool) and 0 <= kl_weight < math.inf):
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+
+
+def _check_hyper(correct_prob: float, temperature: float, alpha: float, kl_weight: float, form: str) -> None:
+    _check_prob("correct_prob", correct_prob, low_open=True)
+    check_temperature(temperature)
+    _check_prob("alpha", alpha, low_open=False)
+    _check_kl_weight(kl_weight)
+    _check_form(form)
+
+
+def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half precision is computed in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+def label_smoothing_targets(targets: torch.Tensor, num_classes: int, epsilon: float) -> torch.Tensor:
+    r"""The label-smoothing target $q' = (1-\epsilon)\,q + \epsilon\,u$, one row per label.
+
+    The correct class gets $1 - \epsilon + \epsilon/K$, every other class $\epsilon/K$ (the same
+    target as ``F.cross_entropy(..., label_smoothing=epsilon)``). Returns float32 ``[N, K]``.
+    """
+    _check_num_classes(num_classes)
+    _check_targets(targets, num_classes)
+    _check_prob("epsilon", epsilon, low_open=False)
+    q = F.one_hot(targets, num_classes).float()
+    return (1.0 - epsilon) * q + epsilon / num_classes
+
+
+def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
+    r"""The hand-made teacher of Tf-KD$_\mathrm{reg}$ (Eq. 9 of the paper):
+
+    $$p^d(k) = \begin{cases} a & k = c \\ (1 - a)/(K - 1) & k \ne c \end{cases}$$
+
+    for true class $c$ and ``correct_prob`` $a \in (0, 1]$. A teacher with 100 % accuracy whose
+    confidence is $a$. Returns float32 ``[N, K]``.
+    """
+    _check_num_classes(num_classes)
+    _check_targets(targets, num_classes)
+    _check_prob("correct_prob", correct_prob, low_open=True)
+    return _virtual_teacher(targets, num_classes, correct_prob)
+
+
+def _virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # unchecked: the training step calls this every batch, and checking the label values
+    # would copy them to the host (a device sync) each time
+    other = (1.0 - correct_prob) / (num_classes - 1)
+    p = torch.full((len(targets), num_classes), other, dtype=dtype, device=targets.device)
+    return p.scatter_(1, targets.unsqueeze(1), correct_prob)
+
+
+def tempered_virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float = 0.99,
+                             temperature: float = 20.0) -> torch.Tensor:
+    r"""What the official code distils from: $p^d_\tau = \mathrm{softmax}(p^d / \tau)$.
+
+    The *probabilities* $p^d$ are divided by $\tau$ and pushed through a softmax as if they
+    were logits. Probabilities differ by at most 1, so the result is within a factor
+    $e^{1/\tau}$ of uniform at every $\tau$: for $K = 100$, $a = 0.99$, $\tau = 20$ the correct
+    class gets 0.0105 and every other class 0.00999. Returns float32 ``[N, K]``.
+    """
+    check_temperature(temperature)
+    return torch.softmax(virtual_teacher(targets, num_classes, correct_prob) / temperature, dim=-1)
+
+
+def _tfkd_reg(z: torch.Tensor, targets: torch.Tensor, correct_prob: float, temperature: float,
+              alpha: float, kl_weight: float, form: str) -> torch.Tensor:
+    # the loss without input checks (the training step's hot path; tfkd_reg_loss checks)
+    z = z.to(_float_dtype(z))
+    target = torch.softmax(_virtual_teacher(targets, z.shape[1], correct_prob, z.dtype) / temperature, dim=-1)
+    log_p = F.log_softmax(z / temperature if form == "paper" else z, dim=-1)
+    kl = F.kl_div(log_p, target, reduction="batchmean")
+    return (1.0 - alpha) * F.cross_entropy(z, targets) + kl_weight * kl
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+def kl_to_uniform(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r"""Per row, $\mathrm{KL}(\mathrm{softmax}(z/\tau)\,\|\,u) = \log K - H(\mathrm{softmax}(z/\tau))$.
+
+    It falls to 0 as $\tau$ grows, like $\mathrm{Var}_k(z)/(2\tau^2)$: a tempered teacher
+    tends to the uniform distribution, and KD tends to label smoothing.
+    """
+    check_temperature(temperature)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor [N, K], got {getattr(logits, 'shape', type(logits))}")
+    log_p = F.log_softmax(logits.to(_float_dtype(logits)) / temperature, dim=-1)
+    return math.log(logits.shape[-1]) + (log_p.exp() * log_p).sum(-1)
+
+
+def official_kl_weight(alpha: float, multiplier: float, num_classes: int) -> float:
+    r"""The official code's KL weight, converted to a *batch-mean* KL: $w = \alpha \cdot
+    \mathrm{multiplier} / K$.
+
+    The code computes ``alpha * multiplier * nn.KLDivLoss()(...)``, and ``nn.KLDivLoss()``'s
+    default ``reduction='mean'`` divides the summed KL by $N \cdot K$, not by $N$. So its loss
+    equals $w$ times the batch-mean KL. (ResNet18 on CIFAR-100: $0.1 \cdot 100 / 100 = 0.1$.)
+    """
+    _check_num_classes(num_classes)
+    _check_prob("alpha", alpha, low_open=False)
+    if not (isinstance(multiplier, (int, float)) and multiplier >= 0):
+        raise ValueError(f"multiplier must be a number >= 0, got {multiplier!r}")
+    return alpha * multiplier / num_classes
+
+
+def tfkd_reg_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    alpha: float = 0.1,
+    kl_weight: float = 0.1,
+    form: str = "code",
+) -> torch.Tensor:
+    r"""Tf-KD$_\mathrm{reg}$: cross-entropy plus a KL to the tempered virtual teacher.
+
+    ``form="code"`` (the default) is what the official CIFAR code computes, with the KL
+    reduced as a batch mean and the code's ``multiplier`` folded into ``kl_weight``
+    (see :func:`official_kl_weight`):
+
+    $$\mathcal L = (1-\alpha)\, H\big(q, \mathrm{softmax}(z)\big)
+      + w \,\frac1N \sum_{n=1}^N \mathrm{KL}\big(\mathrm{softmax}(p^d_n/\tau)\,\big\|\,\mathrm{softmax}(z_n)\big).$$
+
+    The student's logits are **not** tempered and there is no $\tau^2$. ``form="paper"``
+    tempers the student as the paper's Eq. 10 writes it, $\mathrm{KL}(p^d_\tau \,\|\, p_\tau)$
+    with $p_\tau = \mathrm{softmax}(z/\tau)$, same weights. The defaults ($a = 0.99$,
+    $\tau = 20$, $\alpha = 0.1$, $w = 0.1$) are the official ResNet18 / CIFAR-100 run.
+    Half-precision logits are computed in float32.
+    """
+    _check_logits(student_logits)
+    _check_targets(targets, student_logits.shape[1], len(student_logits))
+    _check_hyper(correct_prob, temperature, alpha, kl_weight, form)
+    return _tfkd_reg(student_logits, targets, correct_prob, temperature, alpha, kl_weight, form)
+
+
+def tfkd_reg_as_lsr(num_classes: int, correct_prob: float = 0.99, temperature: float = 20.0,
+                    alpha: float = 0.1, kl_weight: float = 0.1) -> dict[str, float]:
+    r"""Tf-KD$_\mathrm{reg}$ (code form) rewritten as label smoothing.
+
+    Since $\mathrm{KL}(t\,\|\,p) = H(t, p) - H(t)$ and both terms are cross-entropies to fixed
+    targets, $(1-\alpha)H(q,p) + w\,\mathrm{KL}(p^d_\tau\|p) = s\,H(q_\mathrm{eff}, p) - w\,H(p^d_\tau)$ with
+
+    $$s = 1 - \alpha + w, \qquad q_\mathrm{eff} = (1-\epsilon)\,q + \epsilon\,p^d_\tau,
+      \qquad \epsilon = \frac{w}{1 - \alpha + w}.$$
+
+    Returns ``scale`` ($s$), ``epsilon``, the tempered teacher's ``teacher_correct`` and
+    ``teacher_other`` probabilities, and ``target_correct`` / ``target_other``, the entries of
+    $q_\mathrm{eff}$ that the student is really trained towards.
+    """
+    _check_num_classes(num_classes)
+    _check_hyper(correct_prob, temperature, alpha, kl_weight, "code")
+    scale = 1.0 - alpha + kl_weight
+    if scale <= 0:
+        raise ValueError("alpha = 1 with kl_weight = 0 leaves no loss at all")
+    pd = _virtual_teacher(torch.zeros(1, dtype=torch.int64), num_classes, correct_prob, torch.float64)
+    t = torch.softmax(pd / temperature, dim=-1)[0]  # float64: these numbers are printed and compared
+    eps = kl_weight / scale
+    return {"scale": scale, "epsilon": eps, "teacher_correct": t[0].item(), "teacher_other": t[1].item(),
+            "target_correct": 1.0 - eps + eps * t[0].item(), "target_other": eps * t[1].item()}
+
+
+# -- objectives and training recipes ----------------------------------------------------------
+
+class TfKDRegularization(nn.Module):
+    """The Tf-KD$_\\mathrm{reg}$ objective for :func:`~minidistill.train.fit`: no teacher
+    network, only :func:`tfkd_reg_loss` on the student's logits."""
+
+    def __init__(self, correct_prob: float = 0.99, temperature: float = 20.0, alpha: float = 0.1,
+                 kl_weight: float = 0.1, form: str = "code") -> None:
+        super().__init__()
+        _check_hyper(correct_prob, temperature, alpha, kl_weight, form)
+        self.correct_prob, self.temperature, self.alpha = correct_prob, temperature, alpha
+        self.kl_weight, self.form = kl_weight, form
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        loss = _tfkd_reg(logits, y, self.correct_prob, self.temperature, self.alpha, self.kl_weight, self.form)
+        return loss, logits
+
+    def extra_repr(self) -> str:
+        return (f"correct_prob={self.correct_prob}, temperature={self.temperature}, alpha={self.alpha}, "
+                f"kl_weight={self.kl_weight}, form={self.form!r}")
+
+
+def train_model(name: str, data: Dataset, recipe: Recipe, objective: nn.Module | None = None, *,
+                seed: int = 0, description: str | None = None, **fit_kwargs) -> tuple[nn.Module, History]:
+    """A fresh ``name`` initialised from ``seed`` and trained with ``objective`` (default:
+    cross-entropy). Same seed, same initial weights and data order, whatever the objective,
+    so runs that share a seed differ only in their loss."""
+    seed_everything(seed)
+    model = create_model(name, data.num_classes)
+    history = fit(model, data, objective, recipe, seed=seed,
+                  description=description or f"{name} (seed {seed})", **fit_kwargs)
+    return model, history
+
+
+@dataclass
+class SelfTrained:
+    """The result of :func:`tfkd_self`: the frozen teacher, the distilled student, and the
+    student's history (``teacher_history`` is ``None`` when the teacher was given)."""
+
+    teacher: nn.Module
+    student: nn.Module
+    history: History
+    teacher_history: History | None
+
+
+def tfkd_self(name: str, data: Dataset, recipe: Recipe, *, seed: int = 0, teacher: nn.Module | None = None,
+              temperature: float = 4.0, alpha: float = 0.9, **fit_kwargs) -> SelfTrained:
+    r"""Tf-KD$_\mathrm{self}$: the network is its own teacher.
+
+    1. Train ``name`` normally (skipped when a trained ``teacher`` of the same architecture is
+       given, e.g. the "alone" run of the same seed);
+    2. freeze a copy of it (eval mode, no gradients);
+    3. distil it into a fresh ``name`` from ``seed`` with
+       $(1-\alpha)\,H(q, p) + \alpha\,\tau^2\,\mathrm{KL}(p^t_\tau \,\|\, p_\tau)$
+       (:class:`~minidistill.losses.Distillation`).
+    """
+    from ..losses import Distillation
+
+    teacher_history = None
+    if teacher is None:
+        teacher, teacher_history = train_model(name, data, recipe, seed=seed,
+                                               description=f"{name} (self-teacher, seed {seed})", **fit_kwargs)
+    frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
+    student, history = train_model(name, data, recipe, Distillation(frozen, temperature, alpha), seed=seed,
+                                   description=f"{name} (Tf-KD self, seed {seed})", **fit_kwargs)
+    return SelfTrained(frozen, student, history, teacher_history)
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+def plot_distributions(dists: Mapping[str, torch.Tensor], class_names: Sequence[str] | None = None,
+                       title: str = "Target distributions", log: bool = False, annotate: bool = False, ax=None):
+    """Grouped bars: one group per class, one bar per named distribution (each a ``[K]`` vector)."""
+    if not dists:
+        raise ValueError("dists is empty: give at least one {label: probabilities} entry")
+    rows = {k: torch.as_tensor(v, dtype=torch.float64).flatten() for k, v in dists.items()}
+    sizes = {len(v) for v in rows.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"all distributions must have the same length, got lengths {sorted(sizes)}")
+    k = sizes.pop()
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} names for {k} classes")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(5.5, 0.75 * k), 3.4))
+    width = 0.8 / len(rows)
+    for i, (label, p) in enumerate(rows.items()):
+        xs = torch.arange(k, dtype=torch.float64) + (i - (len(rows) - 1) / 2) * width
+        bars = ax.bar(xs.numpy(), p.numpy(), width, label=label, color=f"C{i}")
+        if annotate:
+            ax.bar_label(bars, labels=[f"{v:.3g}" for v in p.tolist()], fontsize=7, padding=1)
+    ax.set_xticks(range(k), names, rotation=0 if k <= 4 else 30, ha="center" if k <= 4 else "right")
+    ax.set_xlabel("class")
+    ax.set_ylabel("probability" + (" (log scale)" if log else ""))
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(min(v[v > 0].min().item() for v in rows.values()) / 3, 3)
+    else:
+        ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temperature: float = 20.0,
+                      alpha: float = 0.1, kl_weight: float = 0.1, epsilon: float = 0.1, ax=None):
+    r"""The targets of Tf-KD$_\mathrm{reg}$ next to label smoothing's, for the correct class and
+    for any one of the other $K-1$ classes (they are all equal), on a log scale:
+
+    the virtual teacher $p^d$, the tempered $\mathrm{softmax}(p^d/\tau)$ the official code
+    distils from, Tf-KD$_\mathrm{reg}$'s effective target $q_\mathrm{eff}$ (:func:`tfkd_reg_as_lsr`),
+    the label-smoothing target with ``epsilon``, and the uniform distribution.
+    """
+    y = torch.zeros(1, dtype=torch.int64)
+    pd = virtual_teacher(y, num_classes, correct_prob)[0]
+    pt = tempered_virtual_teacher(y, num_classes, correct_prob, temperature)[0]
+    eff = tfkd_reg_as_lsr(num_classes, correct_prob, temperature, alpha, kl_weight)
+    ls = label_smoothing_targets(y, num_classes, epsilon)[0]
+    u = 1.0 / num_classes
+    two = lambda v: torch.tensor([v[0], v[1]], dtype=torch.float64)  # noqa: E731 -- correct, other
+    dists = {
+        f"virtual teacher $p^d$ (a = {correct_prob:g})": two(pd),
+        f"softmax($p^d/\\tau$), τ = {temperature:g}": two(pt),
+        f"Tf-KD reg effective target (α = {alpha:g}, w = {kl_weight:g})":
+            torch.tensor([eff["target_correct"], eff["target_other"]], dtype=torch.float64),
+        f"label smoothing, ε = {epsilon:g}": two(ls),
+        "uniform 1/K": torch.tensor([u, u], dtype=torch.float64),
+    }
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.3))
+    fig = plot_distributions(dists, ["correct class", f"each of the other {num_classes - 1}"],
+                             title=f"Targets for one example, K = {num_classes}", log=True, annotate=True, ax=ax)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# -- self-checks for the exercises ----------------------------------------------------------
+# Each check prints a line with a tick when the answer is right, says "not attempted yet"
+# while the exercise still raises NotImplementedError (or is left as ...), and raises an
+# AssertionError with a hint that names the classic mistake when it is wrong.
+
+def _attempted(fn: Callable, *args) -> bool:
+    try:
+        fn(*args)
+    except NotImplementedError:
+        print("… not attempted yet: fill in the function above and run the cell again")
+        return False
+    return True
+
+
+def check_virtual_teacher(fn: Callable[[torch.Tensor, int, float], torch.Tensor]) -> None:
+    """Exercise 1: your ``fn(targets, num_classes, correct_prob)`` must equal :func:`virtual_teacher`."""
+    if not _attempted(fn, torch.tensor([0]), 3, 0.9):
+        return
+    g = torch.Generator().manual_seed(0)
+    for k, a in ((3, 0.9), (10, 0.99), (100, 0.5), (7, 1.0)):
+        y = torch.randint(0, k, (6,), generator=g)
+        got, want = fn(y, k, a), virtual_teacher(y, k, a)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+            raise AssertionError(f"expected a tensor of shape {tuple(want.shape)} (one row per label), got "
+                                 f"{type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
+        got = got.double()
+        if torch.allclose(got, label_smoothing_targets(y, k, 1 - a).double(), atol=1e-6) and a < 1:
+            raise AssertionError("that is label smoothing's target (1-ε)q + ε/K, which gives the correct class "
+                                 "a + (1-a)/K: the virtual teacher gives it exactly a and shares 1-a among the "
+                                 "K-1 *other* classes")
+        if not torch.allclose(got.sum(-1), torch.ones(len(y), dtype=torch.float64), atol=1e-6):
+            raise AssertionError("rows do not sum to one: the other classes get (1-a)/(K-1) each, not (1-a)/K")
+        if not torch.allclose(got, want.double(), atol=1e-6):
+            raise AssertionError(f"values differ for K={k}, a={a}: put a at each row's own label "
+                                 "(scatter along dim 1), not at a fixed column")
+    print("✓ virtual teacher: correct")
+
+
+def check_tau_effect(answer) -> None:
+    """Exercise 2: predict the correct-class probability of the official target
+    ``softmax(p^d / tau)`` for a = 0.99 and K = 100, at tau = 1 and at tau = 20, as a pair."""
+    if answer is None or answer is ...:
+        print("… not attempted yet: replace the ... with your two numbers")
+        return
+    if not (isinstance(answer, (tuple, list)) and len(answer) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)):
+        raise AssertionError("answer with a pair of numbers: (probability at tau = 1, probability at tau = 20)")
+    y = torch.zeros(1, dtype=torch.int64)
+    want = [tempered_virtual_teacher(y, 100, 0.99, t)[0, 0].item() for t in (1.0, 20.0)]
+    p1, p20 = (float(v) for v in answer)
+    if p1 > 0.5:
+        raise AssertionError("not quite: tau = 1 leaves *logits* unchanged, but the code feeds probabilities to "
+                             "the softmax as if they were logits. Logits 0.99 and 0.0001 differ by less than 1, "
+                             "so exp() makes them almost equal")
+    if p20 > p1 + 1e-9:
+        raise AssertionError("check the direction: a larger tau divides the differences by more, so the target "
+                             "moves *towards* uniform (1/K = 0.01) as tau grows")
+    if abs(p1 - want[0]) > 0.03 * want[0] or abs(p20 - want[1]) > 0.03 * want[1]:
+        raise AssertionError("close in spirit, not in value: compute e^{0.99/τ} / (e^{0.99/τ} + 99·e^{0.0001/τ}) "
+                             "for τ = 1 and τ = 20")
+    print(f"✓ tau effect: correct -- {want[0]:.4f} at tau = 1 and {want[1]:.4f} at tau = 20, "
+          "both within a few percent of uniform (0.01)")
