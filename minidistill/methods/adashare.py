@@ -948,9 +948,10 @@ def plot_relaxed_samples(logits: torch.Tensor, taus: Sequence[float] = (0.1, 0.5
 
 
 def plot_policy(values: torch.Tensor, tasks: Sequence[str], title: str = "Policy: which task runs which block",
-                ax=None):
+                ax=None, colorbar: bool = True):
     """A blocks-by-tasks grid: rows are blocks (input at the top), columns are tasks; colour and
-    number give $P(\\text{select})$ (or 1/0 for a fixed policy, drawn as ✓ and ·)."""
+    number give $P(\\text{select})$ (or 1/0 for a fixed policy, drawn as ✓ and ·). Draws into
+    ``ax`` when given one; ``colorbar=False`` leaves the colour scale out (0 white, 1 dark blue)."""
     values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
     if values.ndim != 2 or values.shape[0] != len(tasks):
         raise ValueError(f"values must be [tasks, blocks] with {len(tasks)} tasks, got {tuple(values.shape)}")
@@ -970,7 +971,8 @@ def plot_policy(values: torch.Tensor, tasks: Sequence[str], title: str = "Policy
     ax.set_xlabel("task")
     ax.set_ylabel("residual block (1 = nearest the input)")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="P(select)" if not binary else "selected", fraction=0.08)
+    if colorbar:
+        fig.colorbar(im, ax=ax, label="P(select)" if not binary else "selected", fraction=0.08)
     fig.tight_layout()
     return fig
 

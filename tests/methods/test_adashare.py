@@ -425,7 +425,8 @@ def test_multitask_loss_rejects_bad_configuration():
     with pytest.raises(ValueError, match="weights"):
         A.MultiTaskLoss(weights=(1.0, 1.0))
     with pytest.raises(ValueError, match="differ"):
-        A.MultiTaskLoss(("class", "rotation"))(A.AdaShareNet(**TINY_NET), torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.int64))
+        A.MultiTaskLoss(("class", "rotation"))(A.AdaShareNet(**TINY_NET), torch.zeros(2, 3, 16, 16),
+                                               torch.zeros(2, dtype=torch.int64))
 
 
 # -- training phases and evaluation -----------------------------------------------------------
@@ -561,6 +562,8 @@ def test_plot_policy_grid():
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in ALPHA.flatten().tolist())
     fig = A.plot_policy(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ("a", "b"))
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["·", "·", "✓", "✓"]
+    assert len(fig.axes) == 2  # the grid and its colour bar
+    assert len(A.plot_policy(ALPHA, ("class", "rotation"), colorbar=False).axes) == 1
     with pytest.raises(ValueError, match=r"\[tasks, blocks\]"):
         A.plot_policy(ALPHA, ("class",))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -577,10 +580,13 @@ def _right_gumbel_max(logits, n):
 def test_check_gumbel_max(capsys):
     A.check_gumbel_max(_right_gumbel_max)
     assert "✓" in capsys.readouterr().out
+    def gumbel(l, n):
+        return -torch.log(-torch.log(torch.rand(n, len(l), dtype=l.dtype)))
+
     mistakes = {
         "exponential": lambda l, n: (l - torch.log(torch.rand(n, len(l), dtype=l.dtype))).argmax(-1),
-        "probabilities": lambda l, n: (l.softmax(-1) - torch.log(-torch.log(torch.rand(n, len(l), dtype=l.dtype)))).argmax(-1),
-        "argmin": lambda l, n: (l - torch.log(-torch.log(torch.rand(n, len(l), dtype=l.dtype)))).argmin(-1),
+        "probabilities": lambda l, n: (l.softmax(-1) + gumbel(l, n)).argmax(-1),
+        "argmin": lambda l, n: (l + gumbel(l, n)).argmin(-1),
     }
     for hint, fn in mistakes.items():
         with pytest.raises(AssertionError, match=hint):
@@ -622,7 +628,8 @@ def test_check_sharing_loss(capsys):
     with pytest.raises(AssertionError, match="twice"):
         A.check_sharing_loss(lambda a: 2 * _paper_sharing(a))
     with pytest.raises(AssertionError, match="no depth weights"):
-        A.check_sharing_loss(lambda a: sum((a[i] - a[j]).abs().sum() for i in range(len(a)) for j in range(i + 1, len(a))))
+        A.check_sharing_loss(lambda a: sum((a[i] - a[j]).abs().sum()
+                                           for i in range(len(a)) for j in range(i + 1, len(a))))
     with pytest.raises(AssertionError, match="scalar"):
         A.check_sharing_loss(lambda a: a)
 
