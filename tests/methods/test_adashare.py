@@ -1,0 +1,644 @@
+"""Chapter 4 (Gumbel-softmax and AdaShare): the sampler, the gradient estimators, the
+select-or-skip network, the regularisers, the training phases, the figures and the self-checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidistill.data import make_shapes
+from minidistill.methods import adashare as A
+from minidistill.train import Recipe
+
+TINY_NET = dict(widths=(4, 4, 8, 8), blocks_per_stage=1)  # 3 blocks: fast enough for the tests
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """128 training and 32 test images: the training-phase tests only check the plumbing."""
+    return make_shapes(n_train=128, n_test=32)
+
+
+def _logits_from(alpha: torch.Tensor) -> torch.Tensor:
+    """Policy logits [tasks, blocks, 2] whose select probabilities are ``alpha``."""
+    return torch.stack([alpha.log(), (1 - alpha).log()], -1)
+
+
+# -- the sampler ------------------------------------------------------------------------------
+
+def test_gumbel_noise_has_the_gumbel_mean_and_variance():
+    torch.manual_seed(0)
+    g = A.gumbel_noise((200_000,), dtype=torch.float64)
+    assert g.dtype == torch.float64 and torch.isfinite(g).all()
+    assert g.mean().item() == pytest.approx(0.5772156649, abs=0.01)      # Euler-Mascheroni
+    assert g.var().item() == pytest.approx(math.pi**2 / 6, abs=0.02)
+
+
+def test_gumbel_max_frequencies_pass_a_chi_square_test_and_a_wrong_sampler_fails():
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    torch.manual_seed(1)
+    z = A.gumbel_max(logits, 50_000)
+    assert z.shape == (50_000,) and z.dtype == torch.int64
+    counts = torch.bincount(z, minlength=5)
+    assert A.chi_square_test(counts, logits.softmax(-1))["p_value"] > 1e-3
+    wrong = (logits - torch.rand(50_000, 5, dtype=torch.float64).log()).argmax(-1)  # exponential noise
+    assert A.chi_square_test(torch.bincount(wrong, minlength=5), logits.softmax(-1))["p_value"] < 1e-6
+
+
+def test_gumbel_max_keeps_batch_dimensions_and_rejects_bad_counts():
+    assert A.gumbel_max(torch.zeros(2, 3, 4)).shape == (2, 3)
+    assert A.gumbel_max(torch.zeros(2, 4), num_samples=7).shape == (7, 2)
+    with pytest.raises(ValueError, match="num_samples"):
+        A.gumbel_max(torch.zeros(3), 0)
+
+
+def test_gumbel_softmax_rows_are_probability_vectors_of_the_input_dtype():
+    torch.manual_seed(0)
+    y = A.gumbel_softmax(torch.randn(6, 5, dtype=torch.float64), tau=0.7)
+    assert y.shape == (6, 5) and y.dtype == torch.float64
+    assert (y >= 0).all() and torch.allclose(y.sum(-1), torch.ones(6, dtype=torch.float64))
+
+
+def test_gumbel_softmax_agrees_in_distribution_with_torch():
+    logits = torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64).expand(100_000, 3)
+    torch.manual_seed(2)
+    ours = A.gumbel_softmax(logits, tau=0.7)
+    theirs = F.gumbel_softmax(logits, tau=0.7)
+    assert torch.allclose(ours.mean(0), theirs.mean(0), atol=0.006)
+    assert torch.allclose(ours.std(0), theirs.std(0), atol=0.006)
+    # and not with a sampler at another temperature: the comparison can tell them apart
+    other = F.gumbel_softmax(logits, tau=1.5)
+    assert (ours.std(0) - other.std(0)).abs().max() > 0.03
+
+
+def test_hard_samples_are_exactly_one_hot_and_carry_the_soft_gradient():
+    logits = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads, values = [], []
+    for hard in (False, True):
+        z = logits.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the same noise for both
+        y = A.gumbel_softmax(z, tau=0.5, hard=hard)
+        values.append(y.detach())
+        grads.append(torch.autograd.grad((w * y).sum(), z)[0])
+    soft, hard = values
+    assert set(hard.unique().tolist()) == {0.0, 1.0} and torch.equal(hard.sum(-1), torch.ones(8, dtype=torch.float64))
+    assert torch.equal(hard.argmax(-1), soft.argmax(-1))
+    assert torch.allclose(grads[0], grads[1]) and grads[1].abs().sum() > 0
+
+
+def test_temperature_limits_one_hot_and_uniform():
+    logits = torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    cold = A.gumbel_softmax(logits, tau=1e-6)
+    torch.manual_seed(7)
+    z = A.gumbel_max(logits)
+    assert torch.equal(cold.argmax(-1), z) and cold.max(-1).values.min() > 0.999
+    assert (A.gumbel_softmax(logits, tau=1e5) - 0.2).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_gumbel_softmax_rejects_bad_temperatures(tau):
+    with pytest.raises(ValueError, match="tau"):
+        A.gumbel_softmax(torch.zeros(2, 3), tau=tau)
+
+
+def test_gumbel_softmax_rejects_bad_logits():
+    with pytest.raises(ValueError, match="floating-point"):
+        A.gumbel_softmax(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least 2"):
+        A.gumbel_softmax(torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="at least 2"):
+        A.gumbel_softmax(torch.tensor(1.0))
+
+
+# -- chi-square and gradient estimators -------------------------------------------------------
+
+def test_chi_square_matches_a_hand_computation():
+    r = A.chi_square_test(torch.tensor([10, 20, 30]), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # expected 20 each: X^2 = (100 + 0 + 100) / 20 = 10; with 2 dof the survival function is exp(-x/2)
+    assert r["statistic"] == pytest.approx(10.0) and r["dof"] == 2
+    assert r["p_value"] == pytest.approx(math.exp(-5.0), rel=1e-9)
+
+
+def test_chi_square_rejects_bad_input():
+    with pytest.raises(ValueError, match="sum to one"):
+        A.chi_square_test(torch.tensor([1, 2]), torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="same length"):
+        A.chi_square_test(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="non-negative"):
+        A.chi_square_test(torch.tensor([-1, 2]), torch.tensor([0.5, 0.5]))
+
+
+def _quadratic(y: torch.Tensor) -> torch.Tensor:
+    target = torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=y.dtype)
+    return ((y - target) ** 2).sum(-1)
+
+
+THETA = torch.tensor([0.3, -0.2, 0.8, 0.0], dtype=torch.float64)
+
+
+def test_exact_gradient_matches_autograd_of_the_expectation():
+    theta = THETA.clone().requires_grad_(True)
+    expectation = (theta.softmax(-1) * _quadratic(torch.eye(4, dtype=torch.float64))).sum()
+    (auto,) = torch.autograd.grad(expectation, theta)
+    assert torch.allclose(A.exact_gradient(THETA, _quadratic), auto, atol=1e-12)
+    with pytest.raises(ValueError, match="one vector"):
+        A.exact_gradient(THETA[None], _quadratic)
+
+
+def test_reinforce_is_unbiased_and_gumbel_softmax_is_biased_with_lower_variance():
+    exact = A.exact_gradient(THETA, _quadratic)
+    torch.manual_seed(0)
+    n = 40_000
+    stats = {e: A.gradient_statistics(A.gradient_samples(THETA, _quadratic, e, n, tau=1.0), exact)
+             for e in A.ESTIMATORS}
+    for e in ("reinforce", "reinforce_baseline"):
+        assert stats[e]["bias"] < 4 * math.sqrt(stats[e]["variance"] / n)
+    assert stats["gumbel_softmax"]["bias"] > 10 * math.sqrt(stats["gumbel_softmax"]["variance"] / n)
+    assert stats["gumbel_softmax"]["variance"] < stats["reinforce"]["variance"] / 3
+    assert stats["reinforce_baseline"]["variance"] < stats["reinforce"]["variance"]
+
+
+def test_gradient_samples_shape_and_bad_input():
+    torch.manual_seed(0)
+    assert A.gradient_samples(THETA, _quadratic, "straight_through", 10).shape == (10, 4)
+    with pytest.raises(ValueError, match="estimator"):
+        A.gradient_samples(THETA, _quadratic, "rebar", 10)
+    with pytest.raises(ValueError, match="num_samples"):
+        A.gradient_samples(THETA, _quadratic, "reinforce", 1)
+
+
+def test_gradient_statistics_by_hand():
+    s = A.gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2.0, 0.0]))
+    assert s == pytest.approx({"bias": 0.0, "variance": 2.0, "mse": 1.0})
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        A.gradient_statistics(torch.zeros(3), torch.zeros(3))
+
+
+# -- policy, regularisers, curriculum ---------------------------------------------------------
+
+ALPHA = torch.tensor([[0.9, 0.5, 0.2], [0.7, 0.5, 0.8]], dtype=torch.float64)
+
+
+def test_select_probabilities_and_shape_check():
+    assert torch.allclose(A.select_probabilities(_logits_from(ALPHA)), ALPHA)
+    assert torch.equal(A.select_probabilities(torch.full((2, 3, 2), 0.5)), torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match=r"\[tasks, blocks, 2\]"):
+        A.select_probabilities(torch.zeros(2, 3))
+
+
+def test_sharing_loss_paper_form_by_hand():
+    # weights (L - l)/L for l = 0, 1, 2: 1, 2/3, 1/3; |differences| 0.2, 0, 0.6
+    assert A.sharing_loss(_logits_from(ALPHA)).item() == pytest.approx(0.2 + 0.6 / 3)
+
+
+def test_sharing_loss_code_form_uses_raw_logits_and_increasing_weights():
+    logits = torch.zeros(2, 3, 2, dtype=torch.float64)
+    logits[0, :, 0] = torch.tensor([2.0, 0.0, -1.0])
+    logits[1, :, 0] = torch.tensor([1.0, 0.0, 1.0])
+    logits[..., 1] = torch.randn(2, 3, dtype=torch.float64)  # the skip logits play no part
+    # weights (l + 1)/L: 1/3, 2/3, 1; |select-logit differences| 1, 0, 2
+    assert A.sharing_loss(logits, form="code").item() == pytest.approx(1 / 3 + 2.0)
+
+
+def test_sharing_loss_sums_over_pairs_of_tasks():
+    alpha = torch.tensor([[0.2], [0.5], [0.9]], dtype=torch.float64)  # one block, weight 1
+    assert A.sharing_loss(_logits_from(alpha)).item() == pytest.approx(0.3 + 0.7 + 0.4)
+
+
+def test_paper_and_code_sharing_weights_favour_opposite_ends():
+    alpha = torch.tensor([[0.3] * 4, [0.7] * 4], dtype=torch.float64)
+    grads = {}
+    for form in A.FORMS:
+        z = _logits_from(alpha).requires_grad_(True)
+        (g,) = torch.autograd.grad(A.sharing_loss(z, form), z)
+        grads[form] = g[0, :, 0].abs()
+    assert (grads["paper"].diff() < 0).all()  # early blocks pulled together hardest
+    assert (grads["code"].diff() > 0).all()   # late blocks pulled together hardest
+
+
+def test_sparsity_loss_by_hand_in_both_forms_and_over_the_learnable_blocks():
+    logits = _logits_from(ALPHA)
+    assert A.sparsity_loss(logits).item() == pytest.approx(ALPHA.log().sum().item())
+    assert A.sparsity_loss(logits, num_learnable=1).item() == pytest.approx(ALPHA[:, -1].log().sum().item())
+    code = -(1 - ALPHA).log().mean(-1).sum()
+    assert A.sparsity_loss(logits, form="code").item() == pytest.approx(code.item())
+    code_last2 = -(1 - ALPHA[:, 1:]).log().mean(-1).sum()
+    assert A.sparsity_loss(logits, 2, form="code").item() == pytest.approx(code_last2.item())
+
+
+def test_sparsity_pushes_towards_skip_in_both_forms():
+    for form in A.FORMS:
+        z = _logits_from(ALPHA).requires_grad_(True)
+        (g,) = torch.autograd.grad(A.sparsity_loss(z, form=form), z)
+        assert (g[..., 0] > 0).all() and (g[..., 1] < 0).all()  # descent lowers select, raises skip
+
+
+def test_regularisers_reject_bad_form_and_num_learnable():
+    with pytest.raises(ValueError, match="form"):
+        A.sharing_loss(_logits_from(ALPHA), form="both")
+    with pytest.raises(ValueError, match="form"):
+        A.sparsity_loss(_logits_from(ALPHA), form="released")
+    with pytest.raises(ValueError, match="num_learnable"):
+        A.sparsity_loss(_logits_from(ALPHA), num_learnable=4)
+
+
+def test_curriculum_schedule():
+    assert A.curriculum_schedule(7, 3, 2) == [1, 1, 2, 2, 3, 3, 3]
+    assert A.curriculum_schedule(4, 6, 1) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="curriculum_speed"):
+        A.curriculum_schedule(3, 3, 0)
+
+
+def test_sample_policy_follows_the_probabilities():
+    logits = _logits_from(ALPHA)
+    assert torch.equal(A.sample_policy(logits, greedy=True), torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([A.sample_policy(logits, g) for _ in range(1500)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(draws.mean(0).double(), ALPHA, atol=0.05)
+
+
+def test_random_policy():
+    g = torch.Generator().manual_seed(0)
+    assert A.random_policy(3, 5, 1.0, g).eq(1).all() and A.random_policy(3, 5, 0.0, g).eq(0).all()
+    p = A.random_policy(40, 50, 0.3, g)
+    assert p.shape == (40, 50) and abs(p.mean().item() - 0.3) < 0.03
+    with pytest.raises(ValueError, match="p_select"):
+        A.random_policy(2, 2, 1.5)
+
+
+# -- the network ------------------------------------------------------------------------------
+
+def test_network_shapes_and_policy_logits():
+    net = A.AdaShareNet(num_classes=7, widths=(4, 4, 8, 8), blocks_per_stage=2).eval()
+    assert net.num_blocks == 6 and net.policy_logits.shape == (3, 6, 2)
+    assert torch.equal(A.select_probabilities(net.policy_logits.detach()), torch.full((3, 6), 0.5))
+    outs = net.forward_tasks(torch.randn(5, 3, 16, 16))
+    assert [tuple(o.shape) for o in outs] == [(5, 7), (5, 4), (5, 1, 4, 4)]
+    x = torch.randn(5, 3, 16, 16)
+    assert torch.allclose(net(x), net.forward_tasks(x)[0], atol=1e-6)
+
+
+def test_a_task_output_depends_only_on_its_own_policy():
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET).eval()
+    x = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    base = net.forward_tasks(x)
+    policy = torch.ones(3, 3)
+    policy[1, 1] = 0.0  # the rotation task skips block 2
+    changed = net.fix_policy(policy).forward_tasks(x)
+    assert torch.allclose(changed[0], base[0], atol=1e-6) and torch.allclose(changed[2], base[2], atol=1e-6)
+    assert not torch.allclose(changed[1], base[1], atol=1e-4)
+
+
+def test_a_skipped_block_is_replaced_by_its_shortcut():
+    torch.manual_seed(0)
+    net = A.AdaShareNet(("class",), **TINY_NET).eval()
+    net.fix_policy(torch.tensor([[1.0, 0.0, 1.0]]))
+    x = torch.randn(4, 3, 16, 16)
+    before = net(x)
+    with torch.no_grad():
+        for p in net.blocks[1].body.parameters():
+            p.add_(torch.randn_like(p))  # the skipped block's body no longer matters
+    assert torch.allclose(net(x), before, atol=1e-6)
+    with torch.no_grad():
+        h = net.blocks[0](net.stem(x))
+        h = net.blocks[1].shortcut(h)      # block 2 downsamples: its 1x1 shortcut still runs
+        want = net.heads["class"](net.blocks[2](h))
+    assert torch.allclose(before, want, atol=1e-5)
+
+
+def test_gumbel_gating_curriculum_and_gradient():
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET).use_gumbel(tau=1.0, num_learnable=1).train()
+    v = net.gates()
+    assert v.shape == (3, 3) and torch.equal(v[:, :2], torch.ones(3, 2)) and ((v[:, 2] > 0) & (v[:, 2] < 1)).all()
+    loss = sum(o.float().square().mean() for o in net.forward_tasks(torch.randn(4, 3, 16, 16)))
+    (g,) = torch.autograd.grad(loss, net.policy_logits)
+    assert g[:, :2].abs().sum() == 0 and g[:, 2].abs().sum() > 0
+    net.eval()
+    with torch.no_grad():
+        net.policy_logits[0, 2] = torch.tensor([2.0, 0.0])
+        net.policy_logits[1, 2] = torch.tensor([0.0, 2.0])
+    assert torch.equal(net.gates()[:2, 2], torch.tensor([1.0, 0.0]))  # eval: the most likely policy
+
+
+def test_stochastic_depth_gates():
+    net = A.AdaShareNet(widths=(4, 4, 8, 8), blocks_per_stage=2).use_stochastic_depth(0.5)
+    assert torch.allclose(net.survival(), torch.tensor([1 - l / 6 * 0.5 for l in range(1, 7)]))
+    assert torch.allclose(net.eval().gates(), net.survival().expand(3, 6))
+    torch.manual_seed(0)
+    draws = torch.stack([net.train().gates() for _ in range(3000)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(draws.mean((0, 1)), net.survival(), atol=0.03)
+
+
+def test_network_rejects_bad_input():
+    with pytest.raises(ValueError, match="tasks"):
+        A.AdaShareNet(("class", "depth"))
+    with pytest.raises(ValueError, match="tasks"):
+        A.AdaShareNet(("class", "class"))
+    with pytest.raises(ValueError, match="widths"):
+        A.AdaShareNet(widths=(8,))
+    net = A.AdaShareNet(**TINY_NET)
+    with pytest.raises(ValueError, match=r"\[tasks, blocks\]"):
+        net.fix_policy(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="only 0"):
+        net.fix_policy(torch.full((3, 3), 0.5))
+    with pytest.raises(ValueError, match="num_learnable"):
+        net.use_gumbel(1.0, num_learnable=4)
+    with pytest.raises(ValueError, match="tau"):
+        net.use_gumbel(0.0)
+    with pytest.raises(ValueError, match="p_last"):
+        net.use_stochastic_depth(0.0)
+    with pytest.raises(ValueError, match="one per task"):
+        net.forward_tasks([torch.zeros(2, 3, 16, 16)] * 2)
+
+
+def test_independent_nets_and_deployed_parameters():
+    torch.manual_seed(0)
+    ind = A.IndependentNets(**TINY_NET)
+    shared = A.AdaShareNet(**TINY_NET)
+    outs = ind.forward_tasks(torch.randn(2, 3, 16, 16))
+    assert [tuple(o.shape) for o in outs] == [(2, 10), (2, 4), (2, 1, 4, 4)]
+    assert A.deployed_parameters(ind) == sum(A.deployed_parameters(n) for n in ind.nets)
+    all_params = sum(p.numel() for n, p in shared.named_parameters() if n != "policy_logits")
+    assert A.deployed_parameters(shared) == all_params
+    policy = torch.ones(3, 3)
+    policy[:, 1] = 0.0  # nobody runs block 2
+    block2 = sum(p.numel() for p in shared.blocks[1].parameters())
+    assert A.deployed_parameters(shared.fix_policy(policy)) == all_params - block2
+    policy[0, 1] = 1.0  # one task runs it: it is needed again
+    assert A.deployed_parameters(shared.fix_policy(policy)) == all_params
+    with pytest.raises(ValueError, match="AdaShareNet"):
+        A.deployed_parameters(torch.nn.Linear(2, 2))
+
+
+# -- tasks, objective -------------------------------------------------------------------------
+
+def test_rotate_batch_labels_and_inverse():
+    x = torch.randn(9, 3, 8, 8)
+    xr, k = A.rotate_batch(x)
+    assert torch.equal(k, torch.arange(9) % 4)
+    for i in range(9):
+        assert torch.equal(xr[i].rot90(-int(k[i]), dims=(1, 2)), x[i])
+    assert not torch.equal(xr[1], x[1])
+    xo, ko = A.rotate_batch(x, offset=3)
+    assert torch.equal(ko, (torch.arange(9) + 3) % 4) and torch.equal(xo[1], x[1])  # image 1 + 3 = 4: not turned
+    assert torch.equal(xo[0], x[0].rot90(3, dims=(1, 2)))
+    with pytest.raises(ValueError, match="square"):
+        A.rotate_batch(torch.zeros(2, 3, 8, 6))
+
+
+def test_edge_map_by_hand():
+    x = torch.zeros(1, 3, 8, 8)
+    x[..., 4:] = 1.0  # a vertical unit step between columns 3 and 4
+    full = A.edge_map(x, (8, 8))
+    assert full.shape == (1, 1, 8, 8) and full.dtype == torch.float32
+    assert torch.allclose(full[0, 0, :, 3:5], torch.full((8, 2), 0.5), atol=1e-5)
+    assert full[0, 0, :, :3].max() < 1e-5 and full[0, 0, :, 5:].max() < 1e-5
+    assert A.edge_map(x, (1, 1)).item() == pytest.approx(2 * 0.5 / 8, abs=1e-5)
+    assert A.edge_map(torch.full((2, 3, 8, 8), 0.7), 2).abs().max() < 1e-5
+
+
+def test_multitask_loss_is_the_weighted_sum_and_returns_class_logits(tiny):
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET).eval()
+    x = tiny.x_test[:8].float() / 255
+    y = tiny.y_test[:8]
+    losses, outs = A.MultiTaskLoss().task_losses(net, x, y)
+    assert losses[0].item() == pytest.approx(F.cross_entropy(outs[0], y).item())
+    assert losses[1].item() == pytest.approx(F.cross_entropy(outs[1], torch.arange(8) % 4).item())
+    assert losses[2].item() == pytest.approx((outs[2] - A.edge_map(x, (4, 4))).abs().mean().item())
+    total, logits = A.MultiTaskLoss(weights=(1.0, 2.0, 0.5))(net, x, y)
+    assert total.item() == pytest.approx(losses[0].item() + 2 * losses[1].item() + 0.5 * losses[2].item(), rel=1e-6)
+    assert torch.equal(logits, outs[0])
+
+
+def test_multitask_loss_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="include 'class'"):
+        A.MultiTaskLoss(("rotation", "edges"))
+    with pytest.raises(ValueError, match="weights"):
+        A.MultiTaskLoss(weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="differ"):
+        A.MultiTaskLoss(("class", "rotation"))(A.AdaShareNet(**TINY_NET), torch.zeros(2, 3, 16, 16),
+                                               torch.zeros(2, dtype=torch.int64))
+
+
+# -- training phases and evaluation -----------------------------------------------------------
+
+def test_learn_policy_learns_only_the_curriculum_blocks(micro):
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET)
+    h = A.learn_policy(net, micro, A.MultiTaskLoss(), rounds=2, batch_size=32, curriculum_speed=5, policy_lr=0.05)
+    assert [r["num_learnable"] for r in h.records] == [1, 1]
+    assert h.records[1]["tau"] == pytest.approx(5.0 * 0.965)
+    assert len(h.meta["probabilities"]) == 2
+    alpha = h.meta["probabilities"][-1]
+    assert torch.equal(alpha[:, :2], torch.full((3, 2), 0.5))  # outside the curriculum: untouched
+    assert (alpha[:, 2] - 0.5).abs().min() > 1e-3
+    assert net.gating == "gumbel" and net.num_learnable == 3 and not net.training
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_learn_policy_rejects_bad_arguments(micro):
+    tiny = micro
+    net = A.AdaShareNet(**TINY_NET)
+    obj = A.MultiTaskLoss()
+    with pytest.raises(ValueError, match="rounds"):
+        A.learn_policy(net, tiny, obj, rounds=0)
+    with pytest.raises(ValueError, match="form"):
+        A.learn_policy(net, tiny, obj, rounds=1, form="released")
+    with pytest.raises(ValueError, match="AdaShareNet"):
+        A.learn_policy(A.IndependentNets(**TINY_NET), tiny, obj, rounds=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        A.learn_policy(net, tiny, obj, rounds=1, batch_size=65)
+
+
+def test_train_adashare_retrains_the_sampled_policy_from_the_initial_weights(micro, monkeypatch):
+    seen = []
+    real_fit = A.fit
+
+    def spy(model, data, objective, recipe, **kw):
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, model.gating, recipe.epochs))
+        return real_fit(model, data, objective, recipe, **kw)
+
+    monkeypatch.setattr(A, "fit", spy)
+    run = A.train_adashare(micro, Recipe(epochs=1, batch_size=32, lr=0.05), warmup_epochs=1, rounds=1,
+                           seed=3, model_kwargs=TINY_NET, policy_kwargs={"curriculum_speed": 1})
+    (w_warm, gating_warm, _), (w_re, gating_re, epochs_re) = seen
+    assert gating_warm == "all" and gating_re == "policy" and epochs_re == 1
+    assert all(torch.equal(w_warm[k], w_re[k]) for k in w_warm if k not in ("policy",))
+    resampled = A.sample_policy(_logits_from(run.probabilities.double()), torch.Generator().manual_seed(3))
+    assert torch.equal(run.policy, resampled)
+    assert torch.equal(run.model.policy, run.policy) and run.model.gating == "policy"
+    assert len(run.warmup) == 1 and len(run.policy_history) == 1 and len(run.history) == 1
+    assert set(run.warm_state) == set(run.model.state_dict())
+    assert not all(torch.equal(run.warm_state[k], w_warm[k]) for k in w_warm)  # the warm-up trained something
+
+
+@pytest.mark.parametrize("kind", A.BASELINES)
+def test_train_baseline_kinds(micro, kind):
+    model, hist = A.train_baseline(kind, micro, Recipe(epochs=1, batch_size=64, lr=0.05), seed=1,
+                                   model_kwargs=TINY_NET)
+    assert len(hist) == 1 and 0 <= hist.final("test_acc") <= 100
+    expected = {"independent": None, "hard_sharing": "all", "random": "policy", "stochastic_depth": "stochastic_depth"}
+    assert getattr(model, "gating", None) == expected[kind]
+    if kind == "independent":
+        assert isinstance(model, A.IndependentNets)
+
+
+def test_train_baseline_rejects_unknown_kind(micro):
+    with pytest.raises(ValueError, match="kind"):
+        A.train_baseline("cross_stitch", micro, Recipe(epochs=1))
+
+
+class _Constant(torch.nn.Module):
+    """Predicts class 0, rotation 0 and an all-zero edge map."""
+
+    tasks = A.TASKS
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_tasks(self, inputs):
+        n = len(inputs[0])
+        logits = torch.zeros(n, 10)
+        logits[:, 0] = 1.0
+        return [logits, logits[:, :4], torch.zeros(n, 1, 4, 4)]
+
+
+def test_evaluate_tasks_by_hand(tiny):
+    scores = A.evaluate_tasks(_Constant(), tiny, batch_size=50)
+    assert scores["class_acc"] == pytest.approx(100 * (tiny.y_test == 0).float().mean().item())
+    assert scores["rotation_acc"] == pytest.approx(25.0)  # 128 test images, a quarter at each angle
+    x = (tiny.x_test.float() / 255 - torch.tensor(tiny.mean).view(1, 3, 1, 1)) / torch.tensor(tiny.std).view(1, 3, 1, 1)
+    assert scores["edges_mae"] == pytest.approx(A.edge_map(x, (4, 4)).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="AdaShareNet"):
+        A.evaluate_tasks(torch.nn.Linear(2, 2), tiny)
+
+
+def test_results_markdown_by_hand():
+    scores = {
+        "independent": [{"class_acc": 80.0, "edges_mae": 0.10}, {"class_acc": 82.0, "edges_mae": 0.10}],
+        "shared": [{"class_acc": 84.0, "edges_mae": 0.12}, {"class_acc": 82.0, "edges_mae": 0.08}],
+    }
+    md = A.results_markdown(scores, {"independent": 2000, "shared": 1000})
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | parameters | class acc. (%) ↑ | edge MAE ↓ | Δ vs independent (%) ↑ |")
+    # seed 0: (+5 % - 20 %)/2 = -7.5 %; seed 1: (0 % + 20 %)/2 = +10 %
+    assert "| shared | 1,000 | 83.00 ± 1.41 (n=2) | 0.100 ± 0.028 (n=2) | 1.25 ± 12.37 (n=2) |" in lines
+    assert "| independent | 2,000 |" in lines[2] and "0.00 ± 0.00 (n=2)" in lines[2]
+    assert A.relative_gain(scores)["shared"] == pytest.approx([-7.5, 10.0])
+    with pytest.raises(ValueError, match="reference"):
+        A.results_markdown(scores, {}, reference="hard")
+    with pytest.raises(ValueError, match="pair them"):
+        A.results_markdown({"independent": scores["independent"], "x": scores["shared"][:1]}, {"independent": 1, "x": 1})
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+def test_plot_relaxed_samples_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    fig = A.plot_relaxed_samples(torch.tensor([1.0, 0.0, -1.0]), taus=(0.2, 2.0), num_samples=50)
+    assert torch.equal(state, torch.get_rng_state())
+    axes = fig.axes
+    assert len(axes) == 2 and axes[0].get_title() == "$\\tau$ = 0.2" and axes[-1].get_legend() is not None
+    with pytest.raises(ValueError, match="exactly 3"):
+        A.plot_relaxed_samples(torch.zeros(4))
+    with pytest.raises(ValueError, match="tau"):
+        A.plot_relaxed_samples(torch.zeros(3), taus=(0.0,))
+
+
+def test_plot_policy_grid():
+    fig = A.plot_policy(ALPHA, ("class", "rotation"))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "task" and "block" in ax.get_ylabel() and ax.get_title()
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in ALPHA.flatten().tolist())
+    fig = A.plot_policy(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ("a", "b"))
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["·", "·", "✓", "✓"]
+    assert len(fig.axes) == 2  # the grid and its colour bar
+    assert len(A.plot_policy(ALPHA, ("class", "rotation"), colorbar=False).axes) == 1
+    with pytest.raises(ValueError, match=r"\[tasks, blocks\]"):
+        A.plot_policy(ALPHA, ("class",))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        A.plot_policy(ALPHA * 2, ("class", "rotation"))
+
+
+# -- self-checks --------------------------------------------------------------------------------
+
+def _right_gumbel_max(logits, n):
+    u = torch.rand(n, len(logits), dtype=logits.dtype)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
+def test_check_gumbel_max(capsys):
+    A.check_gumbel_max(_right_gumbel_max)
+    assert "✓" in capsys.readouterr().out
+    def gumbel(l, n):
+        return -torch.log(-torch.log(torch.rand(n, len(l), dtype=l.dtype)))
+
+    mistakes = {
+        "exponential": lambda l, n: (l - torch.log(torch.rand(n, len(l), dtype=l.dtype))).argmax(-1),
+        "probabilities": lambda l, n: (l.softmax(-1) + gumbel(l, n)).argmax(-1),
+        "argmin": lambda l, n: (l + gumbel(l, n)).argmin(-1),
+    }
+    for hint, fn in mistakes.items():
+        with pytest.raises(AssertionError, match=hint):
+            A.check_gumbel_max(fn)
+    with pytest.raises(AssertionError, match="integer indices"):
+        A.check_gumbel_max(lambda l, n: torch.rand(n))
+
+
+def test_check_straight_through(capsys):
+    A.check_straight_through(lambda y: F.one_hot(y.argmax(-1), y.shape[-1]).to(y) - y.detach() + y)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="no gradient"):
+        A.check_straight_through(lambda y: F.one_hot(y.argmax(-1), y.shape[-1]).to(y))
+    with pytest.raises(AssertionError, match="hard \\+ soft"):
+        A.check_straight_through(lambda y: F.one_hot(y.argmax(-1), y.shape[-1]).to(y) + y)
+    with pytest.raises(AssertionError, match="identity"):  # detached the wrong soft term
+        A.check_straight_through(lambda y: F.one_hot(y.argmax(-1), y.shape[-1]).to(y) - y + y.detach() * 1.0)
+    with pytest.raises(AssertionError, match="one-hot"):
+        A.check_straight_through(lambda y: y)
+
+
+def _paper_sharing(alpha):
+    k, n = alpha.shape
+    w = (n - torch.arange(n, dtype=alpha.dtype)) / n
+    return sum((w * (alpha[i] - alpha[j]).abs()).sum() for i in range(k) for j in range(i + 1, k))
+
+
+def test_check_sharing_loss(capsys):
+    A.check_sharing_loss(_paper_sharing)
+    assert "✓" in capsys.readouterr().out
+
+    def code_weights(alpha):
+        k, n = alpha.shape
+        w = (torch.arange(n, dtype=alpha.dtype) + 1) / n
+        return sum((w * (alpha[i] - alpha[j]).abs()).sum() for i in range(k) for j in range(i + 1, k))
+
+    with pytest.raises(AssertionError, match="released code"):
+        A.check_sharing_loss(code_weights)
+    with pytest.raises(AssertionError, match="twice"):
+        A.check_sharing_loss(lambda a: 2 * _paper_sharing(a))
+    with pytest.raises(AssertionError, match="no depth weights"):
+        A.check_sharing_loss(lambda a: sum((a[i] - a[j]).abs().sum()
+                                           for i in range(len(a)) for j in range(i + 1, len(a))))
+    with pytest.raises(AssertionError, match="scalar"):
+        A.check_sharing_loss(lambda a: a)
+
+
+def test_checks_report_unattempted_exercises(capsys):
+    def todo(*args):
+        raise NotImplementedError
+
+    A.check_gumbel_max(todo)
+    A.check_straight_through(todo)
+    A.check_sharing_loss(todo)
+    assert capsys.readouterr().out.count("not attempted yet") == 3
