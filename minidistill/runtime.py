@@ -1,4 +1,5 @@
-"""Where and how big: the profile (smoke | course | paper), the device, and seeding.
+"""Where and how big: the profile (smoke | course | paper), the device, and seeding; plus the
+two notebook helpers every chapter uses (the banner, and whether an exercise was attempted).
 
 ``MINIDISTILL_PROFILE`` chooses the size of every experiment; ``auto`` (the default) picks
 ``course`` when a GPU is present and ``smoke`` otherwise. Notebooks read one :class:`Profile`
@@ -11,7 +12,7 @@ import platform
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "data_root",
     "show_progress",
     "banner",
+    "attempted",
 ]
 
 PROFILES = ("smoke", "course", "paper")
@@ -148,3 +150,21 @@ def banner(profile: Profile | None = None) -> Any:
     except ImportError:  # pragma: no cover - IPython ships with every notebook kernel
         return text
     return Markdown(f"> ℹ️ {text}")
+
+
+def attempted(fn: Callable, *args: Any) -> bool:
+    """Whether an exercise function has been filled in: calls ``fn(*args)`` and returns False
+    (with a one-line hint) when it raises ``NotImplementedError``, the exercise template's
+    placeholder. Any other error propagates, so a student sees the traceback of their own code.
+
+    Every chapter's ``check_*`` self-check starts with it, so running an exercise cell before
+    attempting it prints a hint instead of failing (and nbval can run the unsolved notebook).
+    """
+    if not callable(fn):
+        raise TypeError(f"expected the exercise function, got {type(fn).__name__}")
+    try:
+        fn(*args)
+    except NotImplementedError:
+        print("… not attempted yet: fill in the function above and run the cell again")
+        return False
+    return True

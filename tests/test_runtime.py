@@ -1,4 +1,4 @@
-"""minidistill.runtime: profiles, device, seeding, data root, progress, banner."""
+"""minidistill.runtime: profiles, device, seeding, data root, progress, banner, attempted."""
 from __future__ import annotations
 
 import random
@@ -10,6 +10,7 @@ import torch
 from minidistill import runtime
 from minidistill.runtime import (
     PROFILES,
+    attempted,
     Profile,
     banner,
     data_root,
@@ -231,3 +232,33 @@ def test_banner_names_profile_device_and_torch(name):
 def test_banner_defaults_to_current_profile(monkeypatch, no_accelerator):
     monkeypatch.setenv("MINIDISTILL_PROFILE", "paper")
     assert "**paper**" in _text(banner())
+
+
+# --- attempted (the exercises' guard) --------------------------------------------------------
+
+def _todo(x):
+    raise NotImplementedError
+
+
+def test_attempted_is_false_with_a_hint_for_the_placeholder(capsys):
+    assert attempted(_todo, 1) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+
+def test_attempted_calls_the_function_with_the_arguments_and_is_quiet():
+    calls = []
+    assert attempted(lambda *a: calls.append(a), 1, "x") is True
+    assert calls == [(1, "x")]
+
+
+def test_attempted_lets_other_errors_through():
+    def wrong(x):
+        return x / 0
+
+    with pytest.raises(ZeroDivisionError):
+        attempted(wrong, 1)
+
+
+def test_attempted_rejects_a_non_function():
+    with pytest.raises(TypeError, match="exercise function"):
+        attempted(3)

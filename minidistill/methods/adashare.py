@@ -37,7 +37,7 @@ from torch import nn
 from ..data import Dataset, DeviceLoader
 from ..models import BasicBlock
 from ..report import format_mean_std
-from ..runtime import get_device, seed_everything, show_progress
+from ..runtime import attempted, get_device, seed_everything, show_progress
 from ..train import History, Recipe, TrainingDiverged, _autocast, _autocast_dtype, fit
 
 __all__ = [
@@ -983,14 +983,6 @@ def plot_policy(values: torch.Tensor, tasks: Sequence[str], title: str = "Policy
 # with a hint that names the classic mistake when it is wrong.
 # ---------------------------------------------------------------------------------------------
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    return True
-
 
 def _frequencies(samples: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(samples.flatten().long(), minlength=k).double() / samples.numel()
@@ -1000,7 +992,7 @@ def check_gumbel_max(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """Exercise 1: ``fn(logits, n)`` must return ``n`` category indices distributed as
     ``softmax(logits)``, by the Gumbel-max trick (uniform noise only: ``torch.rand``)."""
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0], dtype=torch.float64)
-    if not _attempted(fn, logits, 2):
+    if not attempted(fn, logits, 2):
         return
     n = 40_000
     with torch.random.fork_rng(devices=[]):
@@ -1037,7 +1029,7 @@ def check_straight_through(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     forward pass and pass the gradient to ``y_soft`` unchanged (the identity) in the backward."""
     g = torch.Generator().manual_seed(0)
     y = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), -1).requires_grad_(True)
-    if not _attempted(fn, y.detach().clone()):
+    if not attempted(fn, y.detach().clone()):
         return
     out = fn(y)
     want = F.one_hot(y.argmax(-1), 4).double()
@@ -1064,7 +1056,7 @@ def check_sharing_loss(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     blocks numbered $l = 0, \\dots, L-1$ from the input."""
     g = torch.Generator().manual_seed(1)
     cases = [torch.rand(k, n, generator=g, dtype=torch.float64) for k, n in ((2, 3), (3, 6), (4, 5))]
-    if not _attempted(fn, cases[0]):
+    if not attempted(fn, cases[0]):
         return
     for alpha in cases:
         k, n = alpha.shape

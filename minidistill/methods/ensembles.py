@@ -45,7 +45,7 @@ from ..data import Dataset, DeviceLoader
 from ..losses import check_temperature, distillation_loss, kd_loss
 from ..models import CifarResNet
 from ..report import format_mean_std
-from ..runtime import Profile, data_root, get_device, get_profile, seed_everything
+from ..runtime import Profile, attempted, data_root, get_device, get_profile, seed_everything
 from ..train import History, Recipe, Trained, _autocast, _autocast_dtype, fit, load_or_train
 
 __all__ = [
@@ -1009,14 +1009,6 @@ def plot_perturbation(image: torch.Tensor, perturbed: Mapping[str, torch.Tensor]
 # hint naming the classic mistake when it is wrong.
 
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    return True
-
 
 def _be_linear_reference(x, weight, r, s, bias):
     m = r.shape[0]
@@ -1036,7 +1028,7 @@ def check_batch_ensemble_linear(fn: Callable) -> None:
     x, weight, r, s, bias = args
     want = _be_linear_reference(x, weight, r, s, bias)
     try:
-        if not _attempted(fn, *[a.clone() for a in args]):
+        if not attempted(fn, *[a.clone() for a in args]):
             return
         got = fn(*[a.clone() for a in args])
     except RuntimeError as e:
@@ -1067,7 +1059,7 @@ def check_ods_step(fn: Callable) -> None:
     x = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64)
     grad = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(4, 1, 1, 1)
     eta = 8 / 255
-    if not _attempted(fn, x.clone(), grad.clone(), eta):
+    if not attempted(fn, x.clone(), grad.clone(), eta):
         return
     d = x[0].numel()
     unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -1094,7 +1086,7 @@ def check_pairwise_kl(fn: Callable) -> None:
     mean KL over ordered pairs of distinct members, ``[N]``."""
     g = torch.Generator().manual_seed(7)
     probs = (2 * torch.randn(4, 6, 5, generator=g, dtype=torch.float64)).softmax(-1)
-    if not _attempted(fn, probs.clone()):
+    if not attempted(fn, probs.clone()):
         return
     got = fn(probs.clone())
     want = metrics.pairwise_kl(probs)

@@ -27,7 +27,7 @@ from torch import nn
 from ..data import Dataset
 from ..losses import check_logits_pair, check_temperature, soft_targets
 from ..models import PlainCNN, feature_extractor
-from ..runtime import seed_everything
+from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, TrainingDiverged, fit
 
 __all__ = [
@@ -707,22 +707,12 @@ def plot_hint_maps(images: torch.Tensor, rows: dict[str, torch.Tensor], title: s
 # yet" while the exercise still raises NotImplementedError, and raises an AssertionError with a
 # hint that names the classic mistake when the answer is wrong.
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    except Exception:  # a wrong answer that raises is judged by the check itself
-        return True
-    return True
-
 
 def check_kernel_size(fn: Callable[[int, int], int]) -> None:
     """Exercise 1: ``fn(student_size, teacher_size)`` -> the kernel of the valid convolution
     that maps the guided map onto the hint map; it must raise ``ValueError`` when the teacher's
     map is larger."""
-    if not _attempted(fn, 32, 16):
+    if not attempted(fn, 32, 16):
         return
     for g, h in ((32, 16), (16, 16), (16, 8), (8, 1), (10, 4)):
         got = fn(g, h)
@@ -750,7 +740,7 @@ def check_hint_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) ->
     over features and averaged over the batch."""
     g = torch.Generator().manual_seed(0)
     r, u = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
-    if not _attempted(fn, r, u):
+    if not attempted(fn, r, u):
         return
     got, want = fn(r, u), hint_loss(r, u)
     if not isinstance(got, torch.Tensor) or got.ndim != 0:
@@ -774,7 +764,7 @@ def check_fitnets_kd_loss(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(8, 10, generator=g, dtype=torch.float64) * 3, torch.randn(8, 10, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, 10, (8,), generator=g)
-    if not _attempted(fn, z, v, y, 3.0, 4.0):
+    if not attempted(fn, z, v, y, 3.0, 4.0):
         return
     tau, lam = 3.0, 4.0
     got, want = fn(z, v, y, tau, lam), fitnets_kd_loss(z, v, y, tau, lam)

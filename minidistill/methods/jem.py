@@ -31,7 +31,7 @@ from torch import nn
 from ..data import Dataset, make_shapes
 from ..metrics import auroc
 from ..models import BasicBlock, PreActBlock, create_model
-from ..runtime import seed_everything
+from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, TrainingDiverged, fit
 
 __all__ = [
@@ -870,14 +870,6 @@ def plot_energy_trace(traces: Mapping[str, torch.Tensor], title: str = "Energies
 # attempted yet" while the exercise still raises NotImplementedError, and raises an
 # AssertionError with a hint when the answer is wrong.
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    return True
-
 
 def _is_tensor(got, shape) -> None:
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(shape):
@@ -888,7 +880,7 @@ def _is_tensor(got, shape) -> None:
 def check_energy(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Exercise 1: your ``fn(logits)`` must return $E(x) = -\\log\\sum_y e^{f(x)[y]}$ per row,
     finite for logits in the thousands, without ``torch.logsumexp``."""
-    if not _attempted(fn, torch.zeros(1, 3)):
+    if not attempted(fn, torch.zeros(1, 3)):
         return
     g = torch.Generator().manual_seed(0)
     for scale in (1.0, 10.0, 1000.0):
@@ -912,7 +904,7 @@ def check_sgld_step(fn: Callable[..., torch.Tensor]) -> None:
     """Exercise 2: ``fn(x, grad_energy, step_size, noise, eps)`` must return one SGLD step
     $x - \\alpha \\nabla_x E + \\sigma\\,\\epsilon$ (``eps`` is the standard normal draw)."""
     x0 = torch.zeros(4, 2, dtype=torch.float64)
-    if not _attempted(fn, x0, x0, 0.1, 0.1, x0):
+    if not attempted(fn, x0, x0, 0.1, 0.1, x0):
         return
     g = torch.Generator().manual_seed(1)
     x, grad, eps = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
@@ -936,7 +928,7 @@ def check_px_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> N
     """Exercise 3: ``fn(logits_data, logits_samples)`` must return the contrastive surrogate
     $\\overline{E(x_\\mathrm{data})} - \\overline{E(x')}$ whose gradient estimates $-\\nabla_\\theta \\log p(x)$."""
     z = torch.zeros(2, 3)
-    if not _attempted(fn, z, z):
+    if not attempted(fn, z, z):
         return
     g = torch.Generator().manual_seed(2)
     ld = torch.randn(16, 10, generator=g, dtype=torch.float64) * 3

@@ -16,7 +16,7 @@ from torch import nn
 from ..data import Dataset
 from ..losses import Distillation, check_logits_pair, check_temperature, kd_loss, soft_targets
 from ..models import create_model
-from ..runtime import seed_everything
+from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, fit
 
 __all__ = [
@@ -91,14 +91,6 @@ def train_student(
 # attempted yet" while the exercise still raises NotImplementedError, and raises an
 # AssertionError with a hint when the answer is wrong.
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    return True
-
 def _cases(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, k, generator=g) * s, torch.randn(n, k, generator=g) * s)
@@ -107,7 +99,7 @@ def _cases(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def check_soft_targets(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
     """Exercise 1: your ``fn(logits, T)`` must equal the tempered softmax, also for large logits."""
-    if not _attempted(fn, torch.zeros(1, 3), 1.0):
+    if not attempted(fn, torch.zeros(1, 3), 1.0):
         return
     for (z, _), t in zip(_cases(), (1.0, 4.0, 20.0)):
         z = z * 50  # large logits: a naive exp() overflows
@@ -125,7 +117,7 @@ def check_soft_targets(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Non
 
 def check_kd_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
     """Exercise 2: your ``fn(student_logits, teacher_logits, T)`` must equal T² · batch-mean KL(p_t || p_s)."""
-    if not _attempted(fn, torch.zeros(1, 3), torch.zeros(1, 3), 1.0):
+    if not attempted(fn, torch.zeros(1, 3), torch.zeros(1, 3), 1.0):
         return
     for (z, v), t in zip(_cases(1), (1.0, 4.0, 10.0)):
         got, want = fn(z, v, t), kd_loss(z, v, t)

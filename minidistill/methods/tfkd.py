@@ -33,7 +33,7 @@ from torch import nn
 from ..data import Dataset
 from ..losses import check_temperature
 from ..models import create_model
-from ..runtime import seed_everything
+from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, fit
 
 __all__ = [
@@ -415,18 +415,10 @@ def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temper
 # while the exercise still raises NotImplementedError (or is left as ...), and raises an
 # AssertionError with a hint that names the classic mistake when it is wrong.
 
-def _attempted(fn: Callable, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        print("… not attempted yet: fill in the function above and run the cell again")
-        return False
-    return True
-
 
 def check_virtual_teacher(fn: Callable[[torch.Tensor, int, float], torch.Tensor]) -> None:
     """Exercise 1: your ``fn(targets, num_classes, correct_prob)`` must equal :func:`virtual_teacher`."""
-    if not _attempted(fn, torch.tensor([0]), 3, 0.9):
+    if not attempted(fn, torch.tensor([0]), 3, 0.9):
         return
     g = torch.Generator().manual_seed(0)
     for k, a in ((3, 0.9), (10, 0.99), (100, 0.5), (7, 1.0)):
