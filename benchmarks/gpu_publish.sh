@@ -4,7 +4,7 @@
 # 1. the KD throughput benchmark (BENCH=0 skips it);
 # 2. the notebooks named (default: all), re-executed in place in the course profile, once each,
 #    in the order given. Teachers are cached under $MINIDISTILL_DATA, which every device call
-#    starts empty: put the notebooks that share a teacher in one call (chapters 1-3 share the
+#    starts empty: put the notebooks that share a teacher in one call (chapters 1 and 2 share the
 #    resnet32x4 CIFAR-10 teacher) and name a notebook twice to measure it warm (the second run
 #    finds the cache the first one filled; the last run's outputs are the ones kept).
 # A call may run 10 minutes: split the notebooks over calls (README, "Publishing outputs").
