@@ -330,57 +330,57 @@ def fit(
 
         bar = tqdm(total=recipe.epochs, initial=start, desc=description or history.meta["model"], unit="epoch")
     elapsed = history.records[-1]["seconds"] if history.records else 0.0
-    for epoch in range(start, recipe.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        objective.train()
-        loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        for step, (x, y) in enumerate(loader):
-            epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded
-            with _autocast(device, dtype):
-                loss, logits = objective(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if (step + 1) % check_every == 0 or step + 1 == len(loader):
-                if not torch.isfinite(loss_sum):
-                    if bar is not None:
-                        bar.close()
-                    raise TrainingDiverged(
-                        f"the loss became {loss_sum.item()} in epoch {epoch + 1}, by step {step + 1} "
-                        f"(lr {sched.get_last_lr()[0]:.3g}). Lower the learning rate or check the "
-                        f"objective for log(0) or division by zero"
-                        + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
-                    )
-        elapsed += time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "lr": epoch_lr,
-                  "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
-        for split, eval_loader in eval_loaders.items():
-            for k, v in _scores(_logits(model, eval_loader, dtype), eval_loader.y).items():
-                record[f"{split}_{k}"] = v
-        record["seconds"] = elapsed
-        history.records.append(record)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({
-                "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                "objective": _trainable_state(objective), "optimizer": opt.state_dict(),
-                "schedule": sched.state_dict(), "scaler": scaler.state_dict(),
-                "rng": torch.get_rng_state(), "history": history.to_dict(),
-            }, path)
+    try:  # the bar is closed however the loop ends (divergence, an objective's own error, ^C)
+        for epoch in range(start, recipe.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            objective.train()
+            loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            seen = 0
+            for step, (x, y) in enumerate(loader):
+                epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded
+                with _autocast(device, dtype):
+                    loss, logits = objective(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                loss_sum += loss.detach().float() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if (step + 1) % check_every == 0 or step + 1 == len(loader):
+                    if not torch.isfinite(loss_sum):
+                        raise TrainingDiverged(
+                            f"the loss became {loss_sum.item()} in epoch {epoch + 1}, by step {step + 1} "
+                            f"(lr {sched.get_last_lr()[0]:.3g}). Lower the learning rate or check the "
+                            f"objective for log(0) or division by zero"
+                            + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
+                        )
+            elapsed += time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "lr": epoch_lr,
+                      "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
+            for split, eval_loader in eval_loaders.items():
+                for k, v in _scores(_logits(model, eval_loader, dtype), eval_loader.y).items():
+                    record[f"{split}_{k}"] = v
+            record["seconds"] = elapsed
+            history.records.append(record)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _save_atomic({
+                    "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                    "objective": _trainable_state(objective), "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(), "history": history.to_dict(),
+                }, path)
+            if bar is not None:
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc") if k in record})
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc") if k in record})
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     model.eval()
     return history
 

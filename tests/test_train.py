@@ -272,6 +272,31 @@ def test_fit_progress_bar_follows_argument_and_environment(tiny, capfd, monkeypa
     assert "shown" in capfd.readouterr().err
 
 
+def test_fit_closes_the_progress_bar_when_the_objective_raises(tiny, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k, disable=True)
+            self.closed = False
+            bars.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    class Broken(nn.Module):
+        def forward(self, model, x, y):
+            raise RuntimeError("objective bug")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    with pytest.raises(RuntimeError, match="objective bug"):
+        fit(new_model(), tiny, Broken(), ONE_EPOCH, device="cpu", progress=True)
+    assert len(bars) == 1 and bars[0].closed
+
+
 class AdapterCE(nn.Module):
     """An objective with its own learnable parts: a linear adapter on the logits and a scale."""
 
