@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..losses import check_logits_pair, check_temperature, soft_targets
+from ..losses import _upcast, check_logits_pair, check_temperature, soft_targets
 from ..models import PlainCNN, feature_extractor
 from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, TrainingDiverged, fit
@@ -62,11 +62,6 @@ __all__ = [
 ]
 
 Size = int | Sequence[int]
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _pair(size: Size, name: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, make_shapes
+from ..losses import _upcast
 from ..metrics import auroc
 from ..models import BasicBlock, PreActBlock, create_model
 from ..runtime import attempted, seed_everything
@@ -80,10 +81,6 @@ __all__ = [
 # The official code's sampler and training defaults (train_wrn_ebm.py, README of wgrathwohl/JEM).
 PAPER = {"step_size": 1.0, "noise": 0.01, "n_steps": 20, "buffer_size": 10_000, "reinit_prob": 0.05,
          "data_noise": 0.03}
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits", ndim: int | None = None) -> None:

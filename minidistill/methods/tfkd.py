@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..losses import check_temperature
+from ..losses import _upcast, check_temperature
 from ..models import create_model
 from ..runtime import attempted, seed_everything
 from ..train import History, Recipe, fit
@@ -119,11 +119,6 @@ def _check_hyper(correct_prob: float, temperature: float, alpha: float, kl_weigh
     _check_form(form)
 
 
-def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precision is computed in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 # -- targets ---------------------------------------------------------------------------------
 
 def label_smoothing_targets(targets: torch.Tensor, num_classes: int, epsilon: float) -> torch.Tensor:
@@ -178,7 +173,7 @@ def tempered_virtual_teacher(targets: torch.Tensor, num_classes: int, correct_pr
 def _tfkd_reg(z: torch.Tensor, targets: torch.Tensor, correct_prob: float, temperature: float,
               alpha: float, kl_weight: float, form: str) -> torch.Tensor:
     # the loss without input checks (the training step's hot path; tfkd_reg_loss checks)
-    z = z.to(_float_dtype(z))
+    z = _upcast(z)
     target = torch.softmax(_virtual_teacher(targets, z.shape[1], correct_prob, z.dtype) / temperature, dim=-1)
     log_p = F.log_softmax(z / temperature if form == "paper" else z, dim=-1)
     kl = F.kl_div(log_p, target, reduction="batchmean")
@@ -196,7 +191,7 @@ def kl_to_uniform(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     check_temperature(temperature)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, K], got {getattr(logits, 'shape', type(logits))}")
-    log_p = F.log_softmax(logits.to(_float_dtype(logits)) / temperature, dim=-1)
+    log_p = F.log_softmax(_upcast(logits) / temperature, dim=-1)
     return math.log(logits.shape[-1]) + (log_p.exp() * log_p).sum(-1)
 
 
