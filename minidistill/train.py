@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +241,7 @@ def fit(
     progress: bool | None = None,
     check_every: int = 25,
     description: str | None = None,
+    eval_splits: Sequence[str] = ("val", "test"),
 ) -> History:
     """Train ``model`` in place on ``data``'s training split and return its :class:`History`.
 
@@ -259,6 +260,9 @@ def fit(
             it -- same weights, optimiser, schedule and data order as if never stopped.
         progress: a progress bar over epochs (default: on unless ``MINIDISTILL_PROGRESS=0``).
         check_every: steps between finiteness checks of the loss (each one syncs the host).
+        eval_splits: the splits scored after each epoch (an empty split is skipped). Leave
+            out a split used only once after training, and pass ``()`` when the model is not
+            a classifier (a trunk trained on hints, say).
 
     After each epoch the validation split (if ``data`` has one) and the test split are
     evaluated; report ``history.final('test_acc')``, choose things with ``val_acc``.
@@ -266,6 +270,8 @@ def fit(
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
     """
+    if isinstance(eval_splits, str) or not set(eval_splits) <= {"val", "test"}:
+        raise ValueError(f"eval_splits must be a sequence of 'val' and 'test', got {eval_splits!r}")
     recipe = recipe or Recipe()
     objective = objective if objective is not None else CrossEntropy(recipe.label_smoothing)
     device = get_device(device)
@@ -284,7 +290,7 @@ def fit(
     # built once: the evaluation splits stay on the device for the whole run
     eval_loaders = {split: DeviceLoader.from_dataset(data, split, 1024, train=False, device=device,
                                                      channels_last=channels_last)
-                    for split in ("val", "test") if len(getattr(data, f"x_{split}"))}
+                    for split in eval_splits if len(getattr(data, f"x_{split}"))}
     if len(loader) == 0:
         raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]

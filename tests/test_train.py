@@ -175,6 +175,22 @@ def test_history_without_validation_split_has_no_val_columns(tiny):
     assert "val_acc" not in history.records[0] and "test_acc" in history.records[0]
 
 
+def test_fit_scores_only_the_splits_asked_for(tiny):
+    data = train_val_split(tiny, 64)
+    both = fit(new_model(), data, recipe=ONE_EPOCH, device="cpu").records[0]
+    test_only = fit(new_model(), data, recipe=ONE_EPOCH, device="cpu", eval_splits=("test",)).records[0]
+    none = fit(new_model(), data, recipe=ONE_EPOCH, device="cpu", eval_splits=()).records[0]
+    assert {"val_acc", "test_acc"} <= set(both)
+    assert "test_acc" in test_only and "val_acc" not in test_only
+    assert not any(k.startswith(("val_", "test_")) for k in none)
+
+
+@pytest.mark.parametrize("bad", ["test", ("train",), ("val", "tset")])
+def test_fit_rejects_unknown_eval_splits(tiny, bad):
+    with pytest.raises(ValueError, match="eval_splits"):
+        fit(new_model(), tiny, recipe=ONE_EPOCH, device="cpu", eval_splits=bad)
+
+
 # --- predict / evaluate ---------------------------------------------------------------------
 
 def test_predict_gives_logits_in_order(fitted):

@@ -356,11 +356,6 @@ def short_schedule(epochs: int) -> dict[str, int]:
     return {"start": 1, "saturate": max(epochs - 1, 2)}
 
 
-def _train_only(data: Dataset) -> Dataset:
-    empty_x, empty_y = torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return dataclasses.replace(data, x_test=empty_x, y_test=empty_y, x_val=empty_x, y_val=empty_y)
-
-
 def train_fitnet(
     student: nn.Module,
     teacher: nn.Module,
@@ -390,8 +385,8 @@ def train_fitnet(
         torch.manual_seed(seed)
         regressor = HintRegressor.from_models(student, guided, teacher, hint, tuple(data.x_train.shape[1:]))
     trunk = student_trunk(student, guided)
-    hint_history = fit(trunk, _train_only(data), HintObjective(teacher, hint, regressor, normalize), hint_recipe,
-                       seed=seed, description=f"{label}, stage 1 (hints)", **fit_kwargs)
+    hint_history = fit(trunk, data, HintObjective(teacher, hint, regressor, normalize), hint_recipe, seed=seed,
+                       eval_splits=(), description=f"{label}, stage 1 (hints)", **fit_kwargs)
     for record in hint_history.records:
         record.pop("train_acc", None)
     hint_history.meta["stage"] = "hints"

@@ -448,7 +448,8 @@ def test_train_student_same_start_for_every_method(small, monkeypatch):
     real_fit = E.fit
 
     def spy(model, data, objective, recipe, **kw):
-        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective, len(data.x_val)))
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective,
+                     kw.get("eval_splits", ("val", "test"))))
         return real_fit(model, data, objective, recipe, **kw)
 
     monkeypatch.setattr(E, "fit", spy)
@@ -459,8 +460,8 @@ def test_train_student_same_start_for_every_method(small, monkeypatch):
         student, hist = E.train_student(de, with_val, recipe, method, depth=8, width=4, seed=5)
         assert isinstance(student, E.BatchEnsembleResNet) and not student.training and len(hist) == 1
         assert "val_acc" not in hist.records[0]
-    (w_kd, o_kd, n_val), (w_ods, o_ods, _) = seen
-    assert all(torch.equal(w_kd[k], w_ods[k]) for k in w_kd) and n_val == 0
+    (w_kd, o_kd, scored), (w_ods, o_ods, _) = seen
+    assert all(torch.equal(w_kd[k], w_ods[k]) for k in w_kd) and "val" not in scored
     assert o_kd.perturbation == "kd" and o_ods.perturbation == "ods"
     with pytest.raises(ValueError, match="method"):
         E.train_student(de, tiny, recipe, "mixup", depth=8, width=4)

@@ -274,8 +274,8 @@ def test_stage_1_updates_only_the_trunk_and_the_regressor(tiny):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     reg = HintRegressor.from_models(student, "layer2", teacher, "layer2", (3, 16, 16))
     reg_before = reg.conv.weight.detach().clone()
-    hist = fit(fitnets.student_trunk(student, "layer2"), fitnets._train_only(tiny),
-               HintObjective(teacher, "layer2", reg), Recipe(epochs=1, batch_size=128, lr=0.05), progress=False)
+    hist = fit(fitnets.student_trunk(student, "layer2"), tiny, HintObjective(teacher, "layer2", reg),
+               Recipe(epochs=1, batch_size=128, lr=0.05), progress=False, eval_splits=())
     after = student.state_dict()
     trunk_keys = [k for k in before if k.split(".")[0] in ("stem", "layer1", "layer2")]
     rest_keys = [k for k in before if k not in trunk_keys]
