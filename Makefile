@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 export MINIDISTILL_DATA ?= $(CURDIR)/_build/data
 
-.PHONY: book test test-package test-notebooks publish bench clean
+.PHONY: book test test-package test-notebooks publish plan bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,13 @@ test-notebooks: $(VENV)/.installed
 test: test-package test-notebooks book
 
 # Re-execute notebooks in place (course profile on a GPU; PROFILE=smoke without one).
+# BUDGET=540: stalest first, only what fits in 540 s. `make plan` prints that plan, on any machine.
 PROFILE ?= course
 publish: $(VENV)/.installed
-	$(PY) -m minidistill.publish --profile $(PROFILE) $(NOTEBOOKS)
+	$(PY) -m minidistill.publish --profile $(PROFILE) $(if $(BUDGET),--budget $(BUDGET)) $(NOTEBOOKS)
+
+plan: $(VENV)/.installed
+	$(PY) -m minidistill.publish --plan --budget $(or $(BUDGET),540) --profile $(PROFILE) $(NOTEBOOKS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/kd_throughput.py
