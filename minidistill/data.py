@@ -208,7 +208,7 @@ def train_val_split(data: Dataset, val_size: int | float = 0.1, seed: int = 0) -
 class DeviceLoader:
     """Batches of normalised float images, made on the device from uint8 data kept there.
 
-    With ``augment=True`` each sample gets its own random crop (zero padding ``pad``) and a
+    With ``train=True`` each sample gets its own random crop (zero padding ``pad``) and a
     horizontal flip with probability 1/2, all in one batched gather. Shuffling and
     augmentation draw from a generator seeded by ``(seed, epoch)``: the same epoch gives the
     same batches, which is what makes a resumed run identical to an uninterrupted one.
@@ -278,8 +278,12 @@ class DeviceLoader:
             xb, yb = self.x[idx], self.y[idx]
             if self.train and self.pad > 0:
                 xb = self._augment(xb, gen)
-            xb = (xb.float() * self._scale + self._shift).contiguous(memory_format=self.memory_format)
-            yield xb, yb
+            yield self.normalize(xb), yb
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[N, C, H, W]`` (on this loader's device) as the model sees them: float,
+        normalised with the data set's mean and std, in the loader's memory format."""
+        return (x.float() * self._scale + self._shift).contiguous(memory_format=self.memory_format)
 
     @classmethod
     def from_dataset(cls, data: Dataset, split: str, batch_size: int, **kwargs) -> "DeviceLoader":

@@ -1,11 +1,16 @@
 r"""Distillation primitives shared by every chapter.
 
 Pure functions of tensors first (:func:`soft_targets`, :func:`kd_loss`,
-:func:`distillation_loss`), then the two *objectives* the trainer takes: an objective is a
-module called as ``objective(model, x, y) -> (loss, logits)``, so teacher-student training
-is the same :func:`minidistill.train.fit` with another objective, not another trainer.
+:func:`distillation_loss`), then the *objectives* the trainer takes. An objective is a module
+called as ``objective(model, x, y) -> (loss, logits or None, terms)`` (:class:`Objective`),
+so teacher-student training is the same :func:`minidistill.train.fit` with another objective,
+not another trainer; objectives with a frozen teacher derive from :class:`TeacherObjective`.
 """
 from __future__ import annotations
+
+import copy
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +22,14 @@ __all__ = [
     "soft_targets",
     "kd_loss",
     "distillation_loss",
+    "upcast",
+    "warn_if_probabilities",
+    "Objective",
+    "TeacherObjective",
     "CrossEntropy",
     "Distillation",
+    "FeatureRegressor",
+    "FeatureDistillation",
 ]
 
 
@@ -52,8 +63,25 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
                          f"{targets.dtype} {tuple(targets.shape)}")
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 (softmax and KL in low precision lose the small
+def warn_if_probabilities(logits: torch.Tensor, name: str = "logits") -> bool:
+    """Warn (and return True) when ``logits`` look like probabilities -- every entry in
+    [0, 1] and every row summing to 1 -- the classic slip of passing ``softmax`` outputs (a
+    model that ends in a softmax) where logits are expected: the loss is then computed on a
+    softmax of probabilities, nearly uniform, and teaches almost nothing."""
+    with torch.no_grad():
+        z = logits.detach()
+        if z.ndim != 2 or z.shape[-1] < 2 or len(z) == 0 or not z.is_floating_point():
+            return False
+        looks = bool(((z >= 0) & (z <= 1)).all() & ((z.float().sum(-1) - 1).abs() < 1e-3).all())
+    if looks:
+        warnings.warn(f"{name} look like probabilities (rows in [0, 1] summing to 1); these functions "
+                      "expect logits (pre-softmax scores). Drop the final softmax, or pass log-probabilities.",
+                      stacklevel=3)
+    return looks
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Logits safe for a softmax: float16/bfloat16 -> float32 (softmax and KL in low precision lose the small
     probabilities that distillation is about); float32/float64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -61,10 +89,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     r"""The tempered softmax $p_k = e^{z_k/T} / \sum_j e^{z_j/T}$ over the last dimension."""
     check_temperature(temperature)
-    return torch.softmax(_upcast(logits) / temperature, dim=-1)
+    return torch.softmax(upcast(logits) / temperature, dim=-1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
+            check_inputs: bool = True) -> torch.Tensor:
     r"""Hinton's soft-target loss, scaled so its gradient does not shrink with $T$:
 
     $$\mathcal L_\mathrm{KD} = T^2 \, \frac1N \sum_{n=1}^N
@@ -72,11 +101,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     with student logits $z$ and teacher logits $v$ (the teacher is the target and gets no
     gradient). Half-precision logits are computed in float32 (float64 stays float64).
+
+    ``check_inputs`` warns when either input looks like probabilities instead of logits
+    (:func:`warn_if_probabilities`); the check reads the values on the host, so the
+    objectives run it on their first step only.
     """
     check_logits_pair(student_logits, teacher_logits)
     check_temperature(temperature)
-    log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    log_p_t = F.log_softmax(_upcast(teacher_logits.detach()).to(log_p_s.dtype) / temperature, dim=-1)
+    if len(student_logits) == 0:
+        raise ValueError("kd_loss got an empty batch (0 rows): there is nothing to average")
+    if check_inputs:
+        warn_if_probabilities(teacher_logits, "teacher_logits")
+        warn_if_probabilities(student_logits, "student_logits")
+    log_p_s = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p_t = F.log_softmax(upcast(teacher_logits.detach()).to(log_p_s.dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -87,6 +125,8 @@ def distillation_loss(
     targets: torch.Tensor,
     temperature: float = 4.0,
     alpha: float = 0.9,
+    *,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
     r"""The usual mix $(1-\alpha)\,H(y, \mathrm{softmax}(z)) + \alpha\,\mathcal L_\mathrm{KD}$.
 
@@ -95,42 +135,201 @@ def distillation_loss(
     """
     _check_alpha(alpha)
     _check_targets(student_logits, targets)
-    ce = F.cross_entropy(_upcast(student_logits), targets)
-    return (1 - alpha) * ce + alpha * kd_loss(student_logits, teacher_logits, temperature)
+    ce = F.cross_entropy(upcast(student_logits), targets)
+    return (1 - alpha) * ce + alpha * kd_loss(student_logits, teacher_logits, temperature, check_inputs=check_inputs)
 
 
-class CrossEntropy(nn.Module):
-    """The plain objective: ``(cross_entropy(model(x), y), logits)``, optional label smoothing."""
+class Objective(nn.Module):
+    """What :func:`minidistill.train.fit` minimises: the one way to plug a method in.
+
+    Subclass it and write ``forward(model, x, y) -> (loss, logits, terms)``:
+
+    * ``loss``: the scalar to minimise;
+    * ``logits``: the model's class scores ``[N, K]`` on ``x`` (``fit`` counts training
+      accuracy from them), or ``None`` when the model is not a classifier;
+    * ``terms``: a dict of named scalars (``{"ce": ..., "kd": ...}``) that ``fit`` averages
+      over each epoch into the :class:`~minidistill.train.History` as ``train_<name>``
+      columns. Detach them; an empty dict is fine.
+
+    Before every step ``fit`` sets ``epoch`` (0-based), ``step`` (0-based, counted over the
+    whole run), ``steps_per_epoch`` and ``total_steps``, so a schedule (a warm-up, a decaying
+    weight) reads :attr:`progress` instead of counting calls; a resumed run sees the same
+    values. Learnable parts of an objective (a regressor, say) are trained with the model;
+    state that must survive a resume goes in parameters or buffers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch, self.step, self.steps_per_epoch, self.total_steps = 0, 0, 1, 1
+
+    @property
+    def progress(self) -> float:
+        """How far training is, from 0 (first step) towards 1 (after the last step)."""
+        return self.step / max(self.total_steps, 1)
+
+    def setup(self, model: nn.Module, example: torch.Tensor, *, device: torch.device,
+              dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+              compile: bool = False) -> None:
+        """Called by ``fit`` once before training, after the objective was moved to ``device``
+        and before the optimiser is built: ``example`` is a batch of two training images as the
+        model sees them, ``dtype`` the autocast dtype (``None`` without mixed precision).
+        Override it to prepare things once (build a regressor whose shape depends on the
+        model's features, say) instead of at every step."""
+
+
+class TeacherObjective(Objective):
+    """An objective with a frozen ``teacher``: the base class of every distillation objective.
+
+    The teacher is put in eval mode and gets no gradients, and it stays in eval mode when
+    ``fit`` calls ``objective.train()`` (its BatchNorm statistics never move, and ``fit`` never
+    optimises it). Call :meth:`teacher_forward` for its outputs: on a GPU with mixed precision
+    it runs a copy of the teacher cast to the autocast dtype once per ``fit`` (instead of
+    re-casting every weight at every step), under ``torch.no_grad()``.
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self._fast: list[nn.Module] = []  # [cast copy, compiled copy]: a list, so no submodule
+
+    def train(self, mode: bool = True) -> "TeacherObjective":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def setup(self, model: nn.Module, example: torch.Tensor, *, device: torch.device,
+              dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+              compile: bool = False) -> None:
+        frozen = self.teacher
+        if dtype is not None and device.type == "cuda":
+            frozen = copy.deepcopy(self.teacher).to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        self._fast = [frozen, torch.compile(frozen) if compile else frozen]
+
+    def teacher_forward(self, x: torch.Tensor):
+        """The frozen teacher's output on ``x`` (no gradients)."""
+        with torch.no_grad():
+            return (self._fast[1] if self._fast else self.teacher)(x)
+
+
+class CrossEntropy(Objective):
+    """The plain objective: cross-entropy of ``model(x)``, optional label smoothing."""
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
+        if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = label_smoothing
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing), logits, {}
 
 
-class Distillation(nn.Module):
-    """The KD objective: a frozen teacher's logits (eval mode, no grad) and
-    :func:`distillation_loss`. ``fit(student, data, objective=Distillation(teacher))``."""
+class Distillation(TeacherObjective):
+    """The KD objective: :func:`distillation_loss` against a frozen teacher's logits.
+    ``fit(student, data, objective=Distillation(teacher))``; logs the terms ``ce`` and ``kd``."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
-        super().__init__()
+        super().__init__(teacher)
         check_temperature(temperature)
         _check_alpha(alpha)
-        self.teacher = teacher.eval().requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
 
-    def train(self, mode: bool = True) -> "Distillation":
-        super().train(mode)
-        self.teacher.eval()  # the teacher's BatchNorm statistics never move
-        return self
-
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        teacher_logits = self.teacher_forward(x)
         logits = model(x)
-        return distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha), logits
+        ce = F.cross_entropy(upcast(logits), y)
+        kd = kd_loss(logits, teacher_logits, self.temperature, check_inputs=self.step == 0)
+        loss = (1 - self.alpha) * ce + self.alpha * kd
+        return loss, logits, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+class FeatureRegressor(nn.Module):
+    """Maps a student feature map ``[N, C_s, H_s, W_s]`` to the teacher's shape ``[N, C_t, H_t,
+    W_t]``: average-pooled (or bilinearly resized) to the teacher's size, then a 1x1 conv and
+    BatchNorm to the teacher's channels. A generic choice; FitNets' own regressor
+    (:class:`minidistill.methods.fitnets.HintRegressor`) sizes a convolution instead."""
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        for name, shape in (("student_shape", student_shape), ("teacher_shape", teacher_shape)):
+            if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ValueError(f"{name} must be (C, H, W) of a feature map, got {shape!r}")
+        self.size = tuple(teacher_shape[1:])
+        self.proj = nn.Sequential(nn.Conv2d(student_shape[0], teacher_shape[0], 1, bias=False),
+                                  nn.BatchNorm2d(teacher_shape[0]))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if tuple(f.shape[-2:]) != self.size:
+            bigger = f.shape[-2] >= self.size[0] and f.shape[-1] >= self.size[1]
+            f = F.adaptive_avg_pool2d(f, self.size) if bigger else F.interpolate(
+                f, size=self.size, mode="bilinear", align_corners=False)
+        return self.proj(f)
+
+
+class FeatureDistillation(TeacherObjective):
+    r"""One-stage feature distillation (hint + KD, the way RepDistiller runs FitNets):
+
+    $$\mathcal L = (1-\alpha)\,H(y, \sigma(z)) + \alpha\,\mathcal L_\mathrm{KD}
+      + \beta \,\frac{1}{|u|}\,\lVert r(f_s) - f_t \rVert^2$$
+
+    with a student feature $f_s$ (``layers[0]``), the teacher's feature $f_t$ (``layers[1]``),
+    a learned :class:`FeatureRegressor` $r$ (built by ``fit`` from the real shapes, trained
+    with the student) and the mean squared error over all elements of $f_t$, weighted by
+    ``weight`` ($\beta$). Terms logged: ``ce``, ``kd``, ``hint``. ``alpha=0`` and
+    ``weight=0`` give back plain cross-entropy; ``weight=0`` alone is :class:`Distillation`.
+    """
+
+    def __init__(self, teacher: nn.Module, layers: tuple[str, str] = ("layer2", "layer2"), weight: float = 10.0,
+                 temperature: float = 4.0, alpha: float = 0.9) -> None:
+        super().__init__(teacher)
+        if isinstance(layers, str) or len(layers) != 2 or not all(isinstance(n, str) for n in layers):
+            raise ValueError(f"layers must be (student layer, teacher layer) names, got {layers!r}")
+        if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        check_temperature(temperature)
+        _check_alpha(alpha)
+        self.layers, self.weight, self.temperature, self.alpha = tuple(layers), weight, temperature, alpha
+        self.regressor: nn.Module | None = None
+
+    def setup(self, model: nn.Module, example: torch.Tensor, **kwargs) -> None:
+        from .models import FeatureExtractor  # models imports nothing from here: no cycle
+
+        super().setup(model, example, **kwargs)
+        (s_name, t_name), frozen = self.layers, self._fast[0]
+        self._extract = [FeatureExtractor(model, [s_name, _last_module(model)]),
+                         FeatureExtractor(frozen, [t_name, _last_module(frozen)])]
+        if self.regressor is None:
+            was = model.training
+            with torch.no_grad():
+                f_s = self._extract[0].eval()(example[:1])[s_name]
+                f_t = self.teacher_forward(example[:1])[0]
+            model.train(was)
+            self.regressor = FeatureRegressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:])).to(example.device)
+
+    def teacher_forward(self, x: torch.Tensor):
+        """The teacher's ``(feature, logits)`` on ``x`` in one pass (no gradients)."""
+        with torch.no_grad():
+            out = self._extract[1](x)
+        return tuple(out.values())
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        if self.regressor is None:
+            raise RuntimeError("FeatureDistillation builds its regressor in setup(); train it with train.fit")
+        f_t, teacher_logits = self.teacher_forward(x)
+        f_s, logits = self._extract[0](x).values()
+        ce = F.cross_entropy(upcast(logits), y)
+        kd = kd_loss(logits, teacher_logits, self.temperature, check_inputs=self.step == 0)
+        hint = F.mse_loss(upcast(self.regressor(f_s)), upcast(f_t).to(torch.float32))
+        loss = (1 - self.alpha) * ce + self.alpha * kd + self.weight * hint
+        return loss, logits, {"ce": ce.detach(), "kd": kd.detach(), "hint": hint.detach()}
+
+
+def _last_module(model: nn.Module) -> str:
+    """The name of the model's last top-level stage (its classifier in the course's models)."""
+    names = [n for n, _ in model.named_children()]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no submodules to read features from")
+    return names[-1]

@@ -2,7 +2,7 @@
 
 Every network is built from named top-level stages -- ``stem``, ``layer1``, ``layer2``,
 ``layer3``, ``pool``, ``fc`` -- so a feature is read by name (``"layer2"``) through
-:func:`feature_extractor`, without editing the model class.
+:func:`feature_extractor` (forward hooks), without editing the model class.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["MODELS", "create_model", "count_parameters", "feature_names", "feature_extractor",
-           "CifarResNet", "WideResNet", "PlainCNN"]
+           "FeatureExtractor", "feature_shapes", "CifarResNet", "WideResNet", "PlainCNN"]
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -191,17 +191,78 @@ def feature_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def feature_extractor(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """A module that runs ``model`` once and returns ``{name: output}`` for each name.
+class _Stop(Exception):
+    """Raised by a hook once every requested feature is read: the rest of the forward is skipped."""
 
-    Built with ``torchvision.models.feature_extraction`` (a traced copy that shares the
-    model's parameters, so training it trains the model). Ask for ``'fc'`` to get the logits
-    in the same pass.
+
+class FeatureExtractor(nn.Module):
+    """Runs ``model`` and returns ``{name: output of that submodule}`` for each name.
+
+    Forward hooks on ``model`` itself (registered for the call and removed after it), so the
+    features are exactly what the model computes, in whatever mode the model is in
+    (``model.eval()`` is seen here too), and gradients reach the model's parameters. When the
+    logits (``'fc'``, the last stage) are not requested the forward stops after the last
+    feature. A submodule called twice in one forward reports its last output.
     """
-    from torchvision.models.feature_extraction import create_feature_extractor
 
-    known = {n for n, _ in model.named_modules() if n}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown feature name(s) {unknown}; top-level stages are {feature_names(model)}")
-    return create_feature_extractor(model, return_nodes={n: n for n in names})
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        if isinstance(names, str) or not names:
+            raise ValueError(f"names must be a non-empty sequence of module names, got {names!r}")
+        unknown = [n for n in names if n not in modules or not n]
+        if unknown:
+            raise ValueError(f"unknown feature name(s) {unknown}; top-level stages are {feature_names(model)}")
+        self.model, self.names = model, tuple(names)
+        order = [n for n, _ in model.named_modules() if n]
+        self._stop_after = None if self.names[-1] == order[-1] or "fc" in self.names else max(
+            self.names, key=order.index)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        self.model.train(mode)  # one flag: the model's own
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+
+        def grab(name: str):
+            def hook(_m: nn.Module, _inp: object, output: torch.Tensor) -> None:
+                out[name] = output
+                if name == self._stop_after and len(out) == len(self.names):
+                    raise _Stop
+            return hook
+
+        handles = [modules[n].register_forward_hook(grab(n)) for n in self.names]
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: out[n] for n in self.names}
+
+
+def feature_extractor(model: nn.Module, names: Sequence[str]) -> FeatureExtractor:
+    """A module that runs ``model`` once and returns ``{name: output}`` for each name
+    (:class:`FeatureExtractor`). Ask for ``'fc'`` to get the logits in the same pass; any
+    module path (``'layer2.0.body'``) works too. Training it trains the model."""
+    return FeatureExtractor(model, names)
+
+
+def feature_shapes(model: nn.Module, names: Sequence[str], image_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The shape (without the batch) of each named feature for one image of ``image_shape``
+    ``(C, H, W)`` -- read it from the data, e.g. ``tuple(data.x_train.shape[1:])``. The model's
+    mode is left as it was."""
+    if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
+        raise ValueError(f"image_shape must be (C, H, W) positive ints, got {tuple(image_shape)!r}")
+    was = model.training
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *image_shape, device=param.device if param is not None else "cpu")
+    try:
+        with torch.no_grad():
+            out = FeatureExtractor(model.eval(), names)(x)
+    finally:
+        model.train(was)
+    return {n: tuple(v.shape[1:]) for n, v in out.items()}

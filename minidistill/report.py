@@ -1,10 +1,15 @@
-"""Results tables: mean ± std over seeds, next to the papers' reported numbers."""
+"""Results tables: mean ± std over seeds, next to the papers' reported numbers.
+
+Two formatters for every chapter: :func:`results_table` (one number per run, our column
+beside the papers' columns) and :func:`metrics_table` (several metrics per run, one column
+each). Both return Markdown text; a notebook shows it with ``IPython.display.Markdown``.
+"""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
-__all__ = ["mean_std", "format_mean_std", "results_table"]
+__all__ = ["mean_std", "format_mean_std", "results_table", "metrics_table"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -37,5 +42,42 @@ def results_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in rows.items():
         cells = [method, format_mean_std(values, digits), *(src.get(method, "–") for src in reported.values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+Column = Union[str, tuple]
+
+
+def metrics_table(
+    rows: Mapping[str, Sequence[Mapping[str, float]]],
+    columns: Mapping[str, Column] | Sequence[str],
+    *,
+    digits: int = 2,
+    first: str = "method",
+    extra: Mapping[str, Mapping[str, str]] | None = None,
+    cell: Callable[[str, list[float]], str | None] | None = None,
+) -> str:
+    """A Markdown table, one row per method and one column per metric: each cell is the mean ±
+    std over the method's runs (``rows[method]`` is a list of score dicts, one per seed).
+
+    ``columns`` maps a score key to its header, or to ``(header, scale, digits)`` (``scale``
+    multiplies the values, e.g. 100 for a fraction shown in %); a plain sequence of keys uses
+    the keys as headers. ``extra`` adds text columns before the metrics (``{header: {method:
+    text}}``, e.g. parameter counts). ``cell(key, values)`` may return the text of a cell to
+    override the default (``None`` keeps it). A method without a key shows '–'.
+    """
+    spec = {k: (k, 1.0, digits) for k in columns} if not isinstance(columns, Mapping) else {
+        k: (v, 1.0, digits) if isinstance(v, str) else (tuple(v) + (1.0, digits)[len(v) - 1:])[:3]
+        for k, v in columns.items()}
+    extra = extra or {}
+    header = [first, *extra, *(h for h, _, _ in spec.values())]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, runs in rows.items():
+        cells = [method, *(col.get(method, "–") for col in extra.values())]
+        for key, (_, scale, d) in spec.items():
+            values = [float(r[key]) * scale for r in runs if key in r]
+            text = cell(key, values) if cell is not None and values else None
+            cells.append(text if text is not None else format_mean_std(values, d) if values else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

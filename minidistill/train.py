@@ -6,8 +6,10 @@ a cached checkpoint is keyed by; ``fit``'s keyword arguments say *how* it runs (
 precision, channels_last, torch.compile, checkpoints, progress) and never change the result
 beyond floating-point noise.
 
-A training step is one call of the *objective* -- ``objective(model, x, y) -> (loss, logits)``
-(see :mod:`minidistill.losses`) -- under autocast, then backward and an optimiser step.
+A training step is one call of the *objective* -- ``objective(model, x, y) -> (loss, logits,
+terms)`` (see :class:`minidistill.losses.Objective`) -- under autocast, then backward and an
+optimiser step. :func:`train_model` builds a seeded model and fits it: the helper every
+chapter's training functions are written on.
 Nothing is copied to the host inside an epoch except a finiteness check every few steps.
 """
 from __future__ import annotations
@@ -22,14 +24,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset, DeviceLoader, load_dataset
-from .losses import CrossEntropy
+from .losses import CrossEntropy, Objective
 from .models import create_model
 from .runtime import Profile, data_root, device_name, get_device, get_profile, seed_everything, show_progress
 
@@ -38,9 +40,14 @@ __all__ = [
     "default_recipe",
     "History",
     "TrainingDiverged",
+    "autocast_dtype",
+    "autocast",
     "fit",
+    "Run",
+    "train_model",
     "predict",
     "evaluate",
+    "score_loader",
     "Trained",
     "pretrained",
     "load_or_train",
@@ -134,22 +141,35 @@ class History:
         return plot_history(self, *args, **kwargs)
 
 
-def _autocast_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, amp: bool | str = "auto") -> torch.dtype | None:
+    """The mixed-precision dtype ``fit`` uses on ``device``: with ``amp='auto'``, bfloat16 on GPUs
+    that compute in it natively (Ampere and newer), float16 (with a GradScaler) on older ones
+    such as Colab's T4 -- where bfloat16 would only be emulated, and slowly -- and ``None``
+    (full precision) on the CPU. ``amp=True`` forces mixed precision, ``False`` turns it off."""
+    if amp not in (True, False, "auto"):
+        raise ValueError(f"amp must be True, False or 'auto', got {amp!r}")
     if amp == "auto":
         amp = device.type == "cuda"
     if not amp:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.5 has no such argument (and reports native support only)
+            native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu":
         return torch.bfloat16
     return torch.float16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` in ``dtype``, or a context that does nothing for ``None``."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
 
 
 @torch.no_grad()
@@ -157,13 +177,20 @@ def _logits(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | None) -
     model.eval()
     out = []
     for x, _ in loader:
-        with _autocast(loader.device, dtype):
+        with autocast(loader.device, dtype):
             out.append(model(x).float())
     return torch.cat(out)
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     return {"loss": F.cross_entropy(logits, y).item(), "acc": 100.0 * (logits.argmax(1) == y).float().mean().item()}
+
+
+def score_loader(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """``{'loss', 'acc'}`` of ``model`` (put in eval mode) over an evaluation
+    :class:`~minidistill.data.DeviceLoader`, under autocast in ``dtype``: what :func:`fit` records
+    after an epoch, for training loops of their own."""
+    return _scores(_logits(model, loader, dtype), loader.y)
 
 
 def predict(
@@ -182,7 +209,7 @@ def predict(
     device = get_device(device) if device is not None else next(model.parameters()).device
     loader = DeviceLoader.from_dataset(data, split, batch_size, train=False, device=device,
                                        channels_last=device.type == "cuda")
-    return _logits(model, loader, _autocast_dtype(device, amp))
+    return _logits(model, loader, autocast_dtype(device, amp))
 
 
 def evaluate(
@@ -226,6 +253,45 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
+def _make_optimizer(params: list[nn.Parameter], recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimiser; fused into one kernel per step on CUDA where torch has it."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if recipe.optimizer == "adam":
+        make = lambda **kw: torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **kw)  # noqa: E731
+    else:
+        make = lambda **kw: torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,  # noqa: E731
+                                            nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, **kw)
+    try:
+        return make(**fused)
+    except (TypeError, RuntimeError):  # a torch without the fused kernel for this optimiser
+        return make()
+
+
+def _unpack(out: Any, objective: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict):
+        return out
+    got = f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
+    raise TypeError(
+        f"{type(objective).__name__}.forward must return (loss, logits or None, terms dict), got {got}. "
+        "Return `loss, logits, {}` when there is nothing more to log (see losses.Objective)."
+    )
+
+
+def _differences(saved: Any, now: dict[str, Any]) -> str:
+    if not isinstance(saved, dict):
+        return "the file holds no run description"
+    keys = sorted(set(saved) | set(now), key=str)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    if any(k in ("recipe", "parameters") for k in keys if saved.get(k) != now.get(k)):
+        diffs = [d for d in diffs if not d.startswith(("recipe", "parameters"))]
+        for k in ("recipe", "parameters"):
+            a, b = saved.get(k) or {}, now.get(k) or {}
+            if a != b and isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{k}.{f}: checkpoint {a.get(f)!r} vs now {b.get(f)!r}"
+                          for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)][:5]
+    return "; ".join(diffs)
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -242,38 +308,55 @@ def fit(
     check_every: int = 25,
     description: str | None = None,
     eval_splits: Sequence[str] = ("val", "test"),
+    eval_every: int | None = 1,
 ) -> History:
     """Train ``model`` in place on ``data``'s training split and return its :class:`History`.
 
     Args:
-        objective: ``objective(model, x, y) -> (loss, logits)``; default
+        objective: an :class:`~minidistill.losses.Objective`, called as
+            ``objective(model, x, y) -> (loss, logits or None, terms)``; default
             :class:`~minidistill.losses.CrossEntropy` with the recipe's label smoothing.
-            Its own learnable parameters (a regressor, say) are trained too.
+            Its own learnable parameters (a regressor, say) are trained too; its ``terms``
+            are averaged per epoch into ``train_<name>`` columns.
         recipe: epochs, batch size, optimiser and schedule (default :class:`Recipe`).
         seed: seeds the shuffle and augmentation (seed the model's initialisation yourself,
-            with :func:`~minidistill.runtime.seed_everything`, before creating it).
-        amp: ``'auto'`` (bf16 autocast on GPUs that have it, fp16 with a GradScaler on
-            those that do not, off on the CPU), ``True`` or ``False``.
+            with :func:`~minidistill.runtime.seed_everything`, before creating it, or use
+            :func:`train_model`, which does both).
+        amp: ``'auto'`` (bf16 autocast on GPUs that have it natively, fp16 with a
+            GradScaler on those that do not, off on the CPU), ``True`` or ``False``.
         channels_last: default on CUDA.
-        compile: ``torch.compile`` the model and the objective's submodules (in place).
+        compile: ``torch.compile`` the model and the objective's submodules (in place). The
+            first steps then pay the compilation (tens of seconds): worth it for long runs
+            or several runs of one architecture in one process, not for a short one.
         checkpoint: a file written after every epoch; if it exists, training resumes from
             it -- same weights, optimiser, schedule and data order as if never stopped.
         progress: a progress bar over epochs (default: on unless ``MINIDISTILL_PROGRESS=0``).
         check_every: steps between finiteness checks of the loss (each one syncs the host).
-        eval_splits: the splits scored after each epoch (an empty split is skipped). Leave
-            out a split used only once after training, and pass ``()`` when the model is not
-            a classifier (a trunk trained on hints, say).
+        description: the progress bar's label (default: the model's class name).
+        eval_splits: the splits scored (an empty split is skipped). Leave out a split used
+            only once after training, and pass ``()`` when the model is not a classifier (a
+            trunk trained on hints, say).
+        eval_every: score ``eval_splits`` every this many epochs and always after the last
+            one; ``None`` scores only after the last epoch (for runs whose curves nobody
+            plots: each evaluation costs a pass over the split). Epochs not scored hold NaN
+            in the ``val_*``/``test_*`` columns.
 
-    After each epoch the validation split (if ``data`` has one) and the test split are
-    evaluated; report ``history.final('test_acc')``, choose things with ``val_acc``.
+    Report ``history.final('test_acc')``; choose things with ``val_acc``.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
     """
     if isinstance(eval_splits, str) or not set(eval_splits) <= {"val", "test"}:
         raise ValueError(f"eval_splits must be a sequence of 'val' and 'test', got {eval_splits!r}")
+    if eval_every is not None and not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"eval_every must be an int >= 1 or None, got {eval_every!r}")
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     recipe = recipe or Recipe()
     objective = objective if objective is not None else CrossEntropy(recipe.label_smoothing)
+    if not isinstance(objective, nn.Module):
+        raise TypeError(f"objective must be an nn.Module (subclass losses.Objective), got {type(objective).__name__}; "
+                        "wrap a function in an Objective whose forward(model, x, y) returns (loss, logits, terms)")
     device = get_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -281,12 +364,17 @@ def fit(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     objective.to(device, memory_format=memory_format)
-    if compile:
-        for m in (model, *objective.children()):
-            m.compile()
-
+    dtype = autocast_dtype(device, amp)
     loader = DeviceLoader.from_dataset(data, "train", recipe.batch_size, device=device,
                                        channels_last=channels_last, seed=seed)
+    if isinstance(objective, Objective):
+        objective.setup(model, loader.normalize(loader.x[:2]), device=device, dtype=dtype,
+                        memory_format=memory_format, compile=compile)
+    if compile:
+        model.compile()
+        for m in objective.children():
+            if any(p.requires_grad for p in m.parameters()):  # frozen teachers are compiled by setup()
+                m.compile()
     # built once: the evaluation splits stay on the device for the whole run
     eval_loaders = {split: DeviceLoader.from_dataset(data, split, 1024, train=False, device=device,
                                                      channels_last=channels_last)
@@ -294,13 +382,8 @@ def fit(
     if len(loader) == 0:
         raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
-    if recipe.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                              weight_decay=recipe.weight_decay)
+    opt = _make_optimizer(params, recipe, device)
     sched = _make_schedule(opt, recipe, len(loader))
-    dtype = _autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history = History(meta={
         "model": type(model).__name__, "objective": type(objective).__name__, "data": data.name,
@@ -317,8 +400,8 @@ def fit(
         state = torch.load(path, map_location=device, weights_only=False)
         if state.get("fingerprint") != fingerprint:
             raise ValueError(
-                f"checkpoint {path} belongs to another run ({state.get('fingerprint')}); "
-                f"this run is {fingerprint}. Delete it or choose another checkpoint path."
+                f"checkpoint {path} belongs to another run ({_differences(state.get('fingerprint'), fingerprint)}). "
+                f"Delete it or choose another checkpoint path."
             )
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"], strict=False)
@@ -336,41 +419,62 @@ def fit(
 
         bar = tqdm(total=recipe.epochs, initial=start, desc=description or history.meta["model"], unit="epoch")
     elapsed = history.records[-1]["seconds"] if history.records else 0.0
+    steps = len(loader)
+    positioned = isinstance(objective, Objective)
+    if positioned:
+        objective.steps_per_epoch, objective.total_steps = steps, steps * recipe.epochs
     try:  # the bar is closed however the loop ends (divergence, an objective's own error, ^C)
         for epoch in range(start, recipe.epochs):
             t0 = time.perf_counter()
             model.train()
             objective.train()
             loader.set_epoch(epoch)
-            loss_sum = torch.zeros((), device=device)
+            sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            seen = 0
+            seen, scored = 0, 0
             for step, (x, y) in enumerate(loader):
                 epoch_lr = opt.param_groups[0]["lr"]  # the rate of the epoch's last step is recorded
-                with _autocast(device, dtype):
-                    loss, logits = objective(model, x, y)
+                if positioned:
+                    objective.epoch, objective.step = epoch, epoch * steps + step
+                with autocast(device, dtype):
+                    loss, logits, terms = _unpack(objective(model, x, y), objective)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                loss_sum += loss.detach().float() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                if (step + 1) % check_every == 0 or step + 1 == len(loader):
-                    if not torch.isfinite(loss_sum):
+                n = len(y)
+                sums["loss"] += loss.detach().float() * n
+                for name, value in terms.items():
+                    if name not in sums or name == "loss":
+                        if name in ("loss", "acc"):
+                            raise ValueError(f"{type(objective).__name__} returned a term named {name!r}, "
+                                             "which would overwrite train_loss/train_acc; rename it")
+                        sums[name] = torch.zeros((), device=device)
+                    sums[name] += torch.as_tensor(value, device=device).detach().float() * n
+                if logits is not None:
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    scored += n
+                seen += n
+                if (step + 1) % check_every == 0 or step + 1 == steps:
+                    if not torch.isfinite(sums["loss"]):
                         raise TrainingDiverged(
-                            f"the loss became {loss_sum.item()} in epoch {epoch + 1}, by step {step + 1} "
+                            f"the loss became {sums['loss'].item()} in epoch {epoch + 1}, by step {step + 1} "
                             f"(lr {sched.get_last_lr()[0]:.3g}). Lower the learning rate or check the "
                             f"objective for log(0) or division by zero"
                             + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
                         )
             elapsed += time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "lr": epoch_lr,
-                      "train_loss": (loss_sum / seen).item(), "train_acc": 100.0 * correct.item() / seen}
+            record = {"epoch": epoch + 1, "lr": epoch_lr}
+            record.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
+            if scored:
+                record["train_acc"] = 100.0 * correct.item() / scored
+            last = epoch + 1 == recipe.epochs
+            due = last or (eval_every is not None and (epoch + 1) % eval_every == 0)
             for split, eval_loader in eval_loaders.items():
-                for k, v in _scores(_logits(model, eval_loader, dtype), eval_loader.y).items():
-                    record[f"{split}_{k}"] = v
+                scores = score_loader(model, eval_loader, dtype) if due else {}
+                for k in ("loss", "acc"):
+                    record[f"{split}_{k}"] = scores.get(k, math.nan)
             record["seconds"] = elapsed
             history.records.append(record)
             if path is not None:
@@ -382,13 +486,58 @@ def fit(
                     "rng": torch.get_rng_state(), "history": history.to_dict(),
                 }, path)
             if bar is not None:
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc") if k in record})
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc")
+                                 if k in record and not math.isnan(record[k])})
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     model.eval()
     return history
+
+
+@dataclass
+class Run:
+    """What :func:`train_model` returns: the trained model and its history."""
+
+    model: nn.Module
+    history: History
+
+    def __iter__(self):  # ``model, history = train_model(...)`` keeps working
+        return iter((self.model, self.history))
+
+
+def train_model(
+    model: str | Callable[[], nn.Module],
+    data: Dataset,
+    recipe: Recipe | None = None,
+    objective: nn.Module | None = None,
+    *,
+    seed: int = 0,
+    description: str | None = None,
+    **fit_kwargs: Any,
+) -> Run:
+    """The one training helper: build a fresh model from ``seed``, :func:`fit` it with
+    ``objective`` (default: cross-entropy) and return a :class:`Run`.
+
+    ``model`` is a name from :data:`~minidistill.models.MODELS` (built with ``data``'s number
+    of classes) or a function of no arguments that builds one. Same seed, same initial
+    weights and data order, whatever the objective, so runs that share a seed differ only in
+    their loss. Other keyword arguments go to :func:`fit` (``eval_every``, ``checkpoint`` ...).
+    """
+    seed_everything(seed)
+    if isinstance(model, str):
+        name, net = model, create_model(model, data.num_classes)
+    elif callable(model):
+        net = model()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model() must build an nn.Module, got {type(net).__name__}")
+        name = type(net).__name__
+    else:
+        raise TypeError(f"model must be a model name or a function that builds one, got {type(model).__name__}")
+    history = fit(net, data, objective, recipe, seed=seed, description=description or f"{name} (seed {seed})",
+                  **fit_kwargs)
+    return Run(net, history)
 
 
 @dataclass
@@ -420,6 +569,7 @@ def pretrained(
     device: str | torch.device | None = None,
     compile: bool = False,
     progress: bool | None = None,
+    eval_every: int | None = 1,
 ) -> Trained:
     """A model trained with the course recipe, from the cache or trained now and cached.
 
@@ -427,6 +577,9 @@ def pretrained(
     profile, seed and recipe hash. A cached file is used only if it loads, its metadata
     match and its weights hash to the stored digest; otherwise it is retrained (with a
     warning), never silently loaded. An interrupted training resumes where it stopped.
+    ``eval_every`` is passed to :func:`fit` (``None``: score the test split only at the end, for a
+    teacher whose curves are not plotted); it does not change the weights, so it is not part of
+    the cache key.
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
     recipe = recipe or default_recipe(prof)
@@ -442,7 +595,8 @@ def pretrained(
     return load_or_train(
         path, meta, model,
         lambda partial: fit(model, data, recipe=recipe, seed=seed, device=dev, compile=compile,
-                            checkpoint=partial, progress=progress, description=f"{name} (teacher)"),
+                            checkpoint=partial, progress=progress, description=f"{name} (teacher)",
+                            eval_every=eval_every),
         device=dev)
 
 

@@ -395,3 +395,29 @@ def test_loader_rejects_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         DeviceLoader(args["x"], args["y"], args["batch_size"], mean=(0.5,) * 3, std=(0.2,) * 3, device="cpu")
+
+
+def test_crop_offsets_reach_every_position_including_the_last():
+    """With padding p an image may be cropped at any of the 2p + 1 offsets per axis, the last
+    one (2p: the image shifted fully the other way) included."""
+    pad, n = 1, 400
+    x = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    x[:, :, 0, 0] = 255                                     # a marker in the top-left pixel
+    loader = DeviceLoader(x, torch.arange(n), n, mean=(0, 0, 0), std=(1, 1, 1), train=True, pad=pad,
+                          device="cpu", seed=0)
+    xb, _ = next(iter(loader))
+    rows = set()
+    for img in (xb[:, 0] > 0.5):
+        where = img.nonzero()
+        if len(where):                                     # the marker survives unless cropped away
+            rows.add(int(where[0, 0]))
+        else:
+            rows.add(-1)
+    # marker row: offset 0 -> row 1, offset 1 -> row 0, offset 2 (the last) -> cropped away (-1)
+    assert rows == {1, 0, -1}
+
+
+def test_normalize_matches_the_batches():
+    d, loader = _ids_loader(n=8, batch_size=8, train=False)
+    xb, _ = next(iter(loader))
+    assert torch.equal(loader.normalize(loader.x[:8]), xb)

@@ -229,10 +229,11 @@ def _linear_net(seed, k=4, dropout=0.0):
 def test_cross_entropy_objective_returns_loss_and_logits():
     model = _linear_net(0)
     x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1])
-    loss, logits = CrossEntropy()(model, x, y)
+    loss, logits, terms = CrossEntropy()(model, x, y)
+    assert terms == {}
     assert torch.equal(logits, model(x))
     assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
-    smooth, _ = CrossEntropy(label_smoothing=0.2)(model, x, y)
+    smooth, _, _ = CrossEntropy(label_smoothing=0.2)(model, x, y)
     assert smooth.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item(), rel=1e-6)
     assert smooth.item() != pytest.approx(loss.item())
 
@@ -256,11 +257,14 @@ def test_distillation_objective_computes_distillation_loss():
     teacher, student = _linear_net(1, dropout=0.5), _linear_net(2)
     obj = Distillation(teacher, temperature=2.0, alpha=0.7).train()
     x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1])
-    loss, logits = obj(student, x, y)
+    loss, logits, terms = obj(student, x, y)
     with torch.no_grad():
         t_logits = teacher(x)  # eval mode: dropout off, so this is what the objective saw
     assert torch.equal(logits, student(x))
     assert loss.item() == pytest.approx(distillation_loss(logits, t_logits, y, 2.0, 0.7).item(), rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert terms["kd"].item() == pytest.approx(kd_loss(logits, t_logits, 2.0).item(), rel=1e-6)
+    assert not terms["kd"].requires_grad
     loss.backward()
     assert student[2].weight.grad is not None
     assert teacher[2].weight.grad is None
@@ -271,3 +275,101 @@ def test_distillation_objective_computes_distillation_loss():
 def test_distillation_objective_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
         Distillation(_linear_net(0), **kwargs)
+
+
+# --- inputs that look wrong ------------------------------------------------------------------
+
+def test_kd_loss_warns_when_given_probabilities_and_not_for_logits():
+    z, v = _logits(seed=1), _logits(seed=2)
+    with pytest.warns(UserWarning, match="teacher_logits look like probabilities"):
+        kd_loss(z, torch.softmax(v, -1), 4.0)
+    with pytest.warns(UserWarning, match="student_logits look like probabilities"):
+        kd_loss(torch.softmax(z, -1), v, 4.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kd_loss(z, v, 4.0)                                   # ordinary logits: silent
+        kd_loss(z, torch.softmax(v, -1), 4.0, check_inputs=False)
+        kd_loss(z.abs() / 100, v, 4.0)                       # in [0, 1] but rows do not sum to 1
+
+
+def test_kd_and_distillation_loss_reject_an_empty_batch():
+    empty = torch.zeros(0, 5)
+    with pytest.raises(ValueError, match="empty batch"):
+        kd_loss(empty, empty)
+    with pytest.raises(ValueError, match="empty batch"):
+        distillation_loss(empty, empty, torch.zeros(0, dtype=torch.int64))
+
+
+# --- the objective base classes and the feature objective ------------------------------------
+
+def test_objective_progress_and_setup_default():
+    obj = losses_mod.Objective()
+    assert (obj.epoch, obj.step, obj.progress) == (0, 0, 0.0)
+    obj.step, obj.total_steps = 5, 20
+    assert obj.progress == 0.25
+    obj.setup(nn.Linear(2, 2), torch.zeros(2, 2), device=torch.device("cpu"))  # does nothing
+
+
+def test_teacher_objective_freezes_and_runs_the_teacher_without_gradients():
+    teacher = _linear_net(1, dropout=0.5).train()
+    obj = losses_mod.TeacherObjective(teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    obj.train()
+    assert not teacher.training
+    x = torch.randn(3, 3, 2, 2)
+    out = obj.teacher_forward(x)
+    assert not out.requires_grad and torch.equal(out, teacher(x))
+    # on the CPU without mixed precision, setup keeps the teacher itself (no copy)
+    obj.setup(nn.Linear(1, 1), x, device=torch.device("cpu"), dtype=None)
+    assert obj._fast[0] is teacher
+    with pytest.raises(TypeError, match="teacher"):
+        losses_mod.TeacherObjective("resnet8")
+
+
+def test_feature_regressor_maps_to_the_teacher_shape():
+    for s_shape, t_shape in (((4, 8, 8), (6, 4, 4)), ((4, 4, 4), (6, 8, 8)), ((4, 8, 8), (6, 8, 8))):
+        r = losses_mod.FeatureRegressor(s_shape, t_shape)
+        assert r(torch.randn(2, *s_shape)).shape == (2, *t_shape)
+    with pytest.raises(ValueError, match="student_shape"):
+        losses_mod.FeatureRegressor((4, 8), (6, 4, 4))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(layers="layer2"), "layers"), (dict(weight=-1.0), "weight"),
+                                           (dict(temperature=0.0), "temperature"), (dict(alpha=2.0), "alpha")])
+def test_feature_distillation_rejects_bad_arguments(kwargs, match):
+    from minidistill.models import create_model
+    with pytest.raises(ValueError, match=match):
+        losses_mod.FeatureDistillation(create_model("resnet8", 10), **kwargs)
+
+
+def test_feature_distillation_trains_the_student_and_regressor_only():
+    """Through fit: the regressor is built from the real shapes (16x16 images: the teacher's
+    layer2 map is 8x8), trained with the student; the teacher is untouched; the loss is the
+    documented sum of its three logged terms."""
+    from minidistill.data import make_shapes
+    from minidistill.models import create_model, feature_extractor
+    from minidistill.train import Recipe, fit
+    from minidistill.runtime import seed_everything
+
+    data = make_shapes(n_train=256, n_test=64)
+    seed_everything(0)
+    teacher, student = create_model("resnet14", 10), create_model("resnet8", 10)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    obj = losses_mod.FeatureDistillation(teacher, ("layer2", "layer3"), weight=5.0, temperature=2.0, alpha=0.5)
+    h = fit(student, data, obj, Recipe(epochs=1, batch_size=64), device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert obj.regressor is not None and tuple(obj.regressor.size) == (4, 4)
+    assert {"train_ce", "train_kd", "train_hint"} <= set(h.records[0])
+    # one step by hand equals the objective's loss
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    obj.eval(), student.eval()
+    loss, logits, terms = obj(student, x, y)
+    with torch.no_grad():
+        f_s = feature_extractor(student, ["layer2"])(x)["layer2"]
+        f_t = feature_extractor(teacher, ["layer3"])(x)["layer3"]
+        hint = F.mse_loss(obj.regressor(f_s), f_t)
+        expected = distillation_loss(student(x), teacher(x), y, 2.0, 0.5) + 5.0 * hint
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["hint"].item() == pytest.approx(hint.item(), rel=1e-5)

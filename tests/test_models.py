@@ -199,3 +199,36 @@ def test_plain_cnn_without_batch_norm_has_biases_and_no_bn():
 def test_plain_cnn_rejects_bad_arguments(depth, widths, match):
     with pytest.raises(ValueError, match=match):
         PlainCNN(depth, widths, 10)
+
+
+def test_feature_extractor_follows_the_models_own_mode():
+    """No second train/eval flag: model.eval() is what the extractor sees (dropout and
+    BatchNorm behave as in the model), and extractor.train() switches the model."""
+    model = new_model("resnet8")
+    fx = feature_extractor(model, ["layer1", "fc"])
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fx(x)["fc"], model(x))
+    fx.train()
+    assert model.training
+
+
+def test_feature_extractor_stops_after_the_last_feature_unless_logits_are_asked():
+    model = new_model("resnet8").eval()
+    calls = []
+    model.fc.register_forward_hook(lambda *a: calls.append(1))
+    feature_extractor(model, ["layer2"])(torch.randn(2, 3, 16, 16))
+    assert calls == []
+    feature_extractor(model, ["layer2", "fc"])(torch.randn(2, 3, 16, 16))
+    assert calls == [1]
+
+
+def test_feature_shapes_reads_the_image_size_given():
+    from minidistill.models import feature_shapes
+    model = new_model("resnet8").train()
+    assert feature_shapes(model, ["layer2", "fc"], (3, 16, 16)) == {"layer2": (32, 8, 8), "fc": (10,)}
+    assert feature_shapes(model, ["layer2"], (3, 32, 32)) == {"layer2": (32, 16, 16)}
+    assert model.training
+    with pytest.raises(ValueError, match="image_shape"):
+        feature_shapes(model, ["layer2"], (32, 32))

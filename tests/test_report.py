@@ -29,3 +29,15 @@ def test_results_table_layout_and_missing_reported_numbers():
     assert lines[1] == "|---|---|---|"
     assert lines[2] == "| alone | 81.00 ± 1.41 (n=2) | 72.50 |"
     assert lines[3] == "| KD | 84.00 (n=1) | – |"
+
+
+def test_metrics_table_formats_columns_scales_extra_and_missing():
+    from minidistill.report import metrics_table
+    rows = {"a": [{"acc": 90.0, "ece": 0.05}, {"acc": 92.0, "ece": 0.03}], "b": [{"acc": 50.0}]}
+    text = metrics_table(rows, {"acc": "ACC (%)", "ece": ("ECE (%)", 100.0, 1)}, extra={"params": {"a": "1,000"}})
+    lines = text.splitlines()
+    assert lines[0] == "| method | params | ACC (%) | ECE (%) |"
+    assert lines[2] == "| a | 1,000 | 91.00 ± 1.41 (n=2) | 4.0 ± 1.4 (n=2) |"
+    assert lines[3] == "| b | – | 50.00 (n=1) | – |"
+    custom = metrics_table(rows, ["acc"], cell=lambda key, values: "x" if max(values) > 60 else None)
+    assert custom.splitlines()[2:] == ["| a | x |", "| b | 50.00 (n=1) |"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -20,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidistill import losses as losses_mod
 from minidistill import train as train_mod
+from minidistill.models import create_model
+from minidistill.runtime import seed_everything
 from minidistill.data import make_shapes, train_val_split
 from minidistill.losses import CrossEntropy, Distillation
 from minidistill.metrics import accuracy
@@ -326,7 +330,7 @@ class AdapterCE(nn.Module):
 
     def forward(self, model, x, y):
         logits = self.adapter(model(x)) * self.scale
-        return F.cross_entropy(logits, y), logits
+        return F.cross_entropy(logits, y), logits, {}
 
 
 def test_objective_parameters_are_trained_and_checkpointed(tiny, tmp_path):
@@ -375,7 +379,7 @@ class NaNAfter(nn.Module):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         self.calls += 1
-        return (loss * float("nan") if self.calls > self.start else loss), logits
+        return (loss * float("nan") if self.calls > self.start else loss), logits, {}
 
 
 def test_nan_loss_raises_training_diverged(tiny):
@@ -648,3 +652,181 @@ def test_load_or_train_caches_any_model(tmp_path):
     with pytest.warns(UserWarning, match="metadata"):
         third = load_or_train(path, {"kind": "custom", "v": 2}, nn.Linear(3, 2), train_fn)
     assert not third.cached and len(calls) == 2
+
+
+# --- the objective protocol, terms, positions, eval_every, train_model -----------------------
+
+class Terms(losses_mod.Objective):
+    """Cross-entropy that logs two terms and records the positions fit gives it; it stops the
+    run (as Ctrl-C would) when epoch ``stop`` begins."""
+
+    def __init__(self, stop: int | None = None) -> None:
+        super().__init__()
+        self.stop = stop
+        self.seen: list[tuple[int, int, int, int]] = []
+        self.batch_ce: list[tuple[float, int]] = []
+
+    def forward(self, model, x, y):
+        if self.epoch == self.stop:
+            raise KeyboardInterrupt
+        self.seen.append((self.epoch, self.step, self.steps_per_epoch, self.total_steps))
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        self.batch_ce.append((ce.item(), len(y)))
+        return ce, logits, {"ce": ce.detach(), "twice": 2 * ce.detach()}
+
+
+def test_fit_averages_terms_per_epoch_and_sets_positions(tiny):
+    objective = Terms()
+    h = fit(new_model(), tiny, objective, Recipe(epochs=2, batch_size=128), device="cpu")
+    assert objective.seen == [(e, e * 4 + s, 4, 8) for e in range(2) for s in range(4)]
+    first = objective.batch_ce[:4]
+    mean = sum(v * n for v, n in first) / sum(n for _, n in first)
+    assert h["train_ce"][0] == pytest.approx(mean, rel=1e-5)
+    assert h["train_twice"][0] == pytest.approx(2 * mean, rel=1e-5)
+    assert h["train_loss"] == pytest.approx(h["train_ce"], rel=1e-6)
+
+
+def test_positions_are_restored_on_resume(tiny, tmp_path):
+    ckpt, recipe = tmp_path / "run.pt", Recipe(epochs=2, batch_size=128)
+    with pytest.raises(KeyboardInterrupt):
+        fit(new_model(), tiny, Terms(stop=1), recipe, device="cpu", checkpoint=ckpt)
+    objective = Terms()
+    fit(new_model(), tiny, objective, recipe, device="cpu", checkpoint=ckpt)
+    assert objective.seen == [(1, 4 + s, 4, 8) for s in range(4)]  # epoch 1, steps 4..7 of 8
+
+
+def test_objective_without_logits_has_no_train_acc(tiny):
+    class Feature(losses_mod.Objective):
+        def forward(self, model, x, y):
+            return model(x).pow(2).mean(), None, {}
+
+    h = fit(new_model(), tiny, Feature(), ONE_EPOCH, device="cpu", eval_splits=())
+    assert "train_acc" not in h.records[0] and "train_loss" in h.records[0]
+
+
+def test_fit_rejects_a_function_objective_and_a_two_tuple(tiny):
+    with pytest.raises(TypeError, match="nn.Module"):
+        fit(new_model(), tiny, lambda model, x, y: (model(x).sum(), None, {}), ONE_EPOCH, device="cpu")
+
+    class Old(nn.Module):
+        def forward(self, model, x, y):
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+
+    with pytest.raises(TypeError, match=r"\(loss, logits or None, terms dict\), got a 2-tuple"):
+        fit(new_model(), tiny, Old(), ONE_EPOCH, device="cpu")
+
+
+def test_a_term_named_loss_is_refused(tiny):
+    class Clash(losses_mod.Objective):
+        def forward(self, model, x, y):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            return loss, logits, {"loss": loss.detach()}
+
+    with pytest.raises(ValueError, match="'loss'"):
+        fit(new_model(), tiny, Clash(), ONE_EPOCH, device="cpu")
+
+
+@pytest.mark.parametrize("every, scored", [(1, [1, 2, 3]), (2, [2, 3]), (None, [3])])
+def test_eval_every_scores_those_epochs_and_always_the_last(tiny, every, scored):
+    h = fit(new_model(), tiny, recipe=Recipe(epochs=3, batch_size=256), device="cpu", eval_every=every)
+    got = [r["epoch"] for r in h.records if not math.isnan(r["test_acc"])]
+    assert got == scored
+    assert not math.isnan(h.final("test_acc")) and not math.isnan(h.final("test_loss"))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_eval_every_and_check_every_reject_bad_values(tiny, bad):
+    with pytest.raises(ValueError, match="eval_every"):
+        fit(new_model(), tiny, recipe=ONE_EPOCH, device="cpu", eval_every=bad)
+    with pytest.raises(ValueError, match="check_every"):
+        fit(new_model(), tiny, recipe=ONE_EPOCH, device="cpu", check_every=bad)
+
+
+def test_train_model_builds_seeded_models_by_name_or_function(tiny):
+    run = train_mod.train_model("resnet8", tiny, ONE_EPOCH, seed=3, device="cpu")
+    model, history = run                               # a Run unpacks like the old tuple
+    assert model is run.model and history is run.history and len(history) == 1
+    again = train_mod.train_model(lambda: create_model("resnet8", 10), tiny, ONE_EPOCH, seed=3, device="cpu")
+    assert_state_equal(again.model.state_dict(), run.model.state_dict())
+    with pytest.raises(TypeError, match="model"):
+        train_mod.train_model(3, tiny, ONE_EPOCH)
+    with pytest.raises(TypeError, match="nn.Module"):
+        train_mod.train_model(lambda: "resnet8", tiny, ONE_EPOCH)
+
+
+def test_autocast_dtype_choices():
+    cpu = torch.device("cpu")
+    assert train_mod.autocast_dtype(cpu, "auto") is None
+    assert train_mod.autocast_dtype(cpu, True) == torch.bfloat16
+    assert train_mod.autocast_dtype(cpu, False) is None
+    with pytest.raises(ValueError, match="amp"):
+        train_mod.autocast_dtype(cpu, "yes")
+
+
+def test_checkpoint_mismatch_names_only_the_fields_that_differ(tiny, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    fit(new_model(), tiny, recipe=ONE_EPOCH, device="cpu", checkpoint=ckpt)
+    with pytest.raises(ValueError) as err:
+        fit(new_model(), tiny, recipe=ONE_EPOCH.replace(epochs=2), device="cpu", checkpoint=ckpt)
+    message = str(err.value)
+    assert "recipe.epochs: checkpoint 1 vs now 2" in message
+    assert "momentum" not in message and "layer1" not in message and len(message) < 400
+
+
+# --- the recipe reaches the optimiser, the schedule and the loss (spies) ----------------------
+
+def test_recipe_reaches_optimizer_and_loss(tiny, monkeypatch):
+    """A spy on the optimiser's and the loss's arguments: weight decay, momentum, Nesterov and
+    label smoothing are the recipe's, not defaults."""
+    made, smoothing = [], []
+    real_sgd, real_ce = torch.optim.SGD, F.cross_entropy
+
+    def spy_sgd(params, **kw):
+        made.append(kw)
+        return real_sgd(params, **kw)
+
+    def spy_ce(*args, **kw):
+        if args[0].requires_grad:                           # training steps, not the evaluations
+            smoothing.append(kw.get("label_smoothing", 0.0))
+        return real_ce(*args, **kw)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy_sgd)
+    monkeypatch.setattr(losses_mod.F, "cross_entropy", spy_ce)
+    for recipe in (Recipe(epochs=1, batch_size=256, weight_decay=1e-3, momentum=0.8, nesterov=False,
+                          label_smoothing=0.1),
+                   Recipe(epochs=1, batch_size=256, weight_decay=0.0, momentum=0.9, nesterov=True)):
+        made.clear(), smoothing.clear()
+        fit(new_model(), tiny, recipe=recipe, device="cpu")
+        assert made[0]["weight_decay"] == recipe.weight_decay
+        assert made[0]["momentum"] == recipe.momentum and made[0]["nesterov"] == recipe.nesterov
+        assert smoothing and set(smoothing) == {recipe.label_smoothing}
+
+
+def test_resume_restores_the_random_state(tiny, tmp_path):
+    """A model with dropout draws from torch's global generator: a resumed run must continue
+    from the saved generator state, whatever the process did meanwhile."""
+    def net():
+        seed_everything(0)
+        return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 16 * 16, 10))
+
+    recipe = Recipe(epochs=2, batch_size=256)
+    full = net()
+    fit(full, tiny, Terms(), recipe=recipe, device="cpu")
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(net(), tiny, Terms(stop=1), recipe, device="cpu", checkpoint=ckpt)
+    resumed = net()
+    torch.manual_seed(999)                                  # the process moved on meanwhile
+    fit(resumed, tiny, Terms(), recipe=recipe, device="cpu", checkpoint=ckpt)
+    assert_state_equal(resumed.state_dict(), full.state_dict())
+
+
+def test_score_loader_equals_evaluate(fitted):
+    from minidistill.data import DeviceLoader
+    model, _, data = fitted
+    loader = DeviceLoader.from_dataset(data, "test", 50, train=False, device="cpu", channels_last=False)
+    got, want = train_mod.score_loader(model, loader), evaluate(model, data)
+    assert got["acc"] == pytest.approx(want["acc"]) and got["loss"] == pytest.approx(want["loss"], rel=1e-5)

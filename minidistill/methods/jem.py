@@ -10,77 +10,56 @@ JEM trains $\log p(y|x) + \log p(x)$; the gradient of $\log p(x)$ needs samples 
 model, drawn with stochastic gradient Langevin dynamics (SGLD) from a persistent replay buffer.
 
 **Input space.** :class:`~minidistill.data.DeviceLoader` feeds networks *normalised* images
-$(x/255 - \mu_c)/\sigma_c$. JEM's sampler settings -- step size $\alpha = 1$, noise
-$\sigma = 0.01$, data noise $0.03$, restarts from $\mathcal U(-1, 1)$ -- are defined on pixels
-scaled to $[-1, 1]$, the input space of the official code. Here SGLD chains and the replay
-buffer live in that $[-1, 1]$ pixel space, and :class:`PixelSpace` maps a chain's state to the
-network's normalised input before each evaluation (gradients flow through the affine map), so
-the paper's numbers keep their meaning while the network sees the inputs ``fit`` gives it.
+$(x/255 - \mu_c)/\sigma_c$; JEM's sampler settings (step $\alpha = 1$, noise $\sigma = 0.01$,
+data noise $0.03$, restarts from $\mathcal U(-1, 1)$) are defined on the official code's pixels
+in $[-1, 1]$. So the SGLD chains and the replay buffer live in $[-1, 1]$ pixels, and
+:class:`PixelSpace` maps a state to the network's input before each evaluation (autograd
+carries the gradient through the affine map): the paper's numbers keep their meaning.
+
+The 2-D toy and the figures live in :mod:`minidistill.methods.jem_plots`, the exercises'
+self-checks in :mod:`minidistill.exercises.jem`; all are importable from here too.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import Callable, Mapping, NamedTuple, Sequence
 
-import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, make_shapes
-from ..losses import _upcast
+from ..losses import Objective, upcast
 from ..metrics import auroc
 from ..models import BasicBlock, PreActBlock, create_model
-from ..runtime import attempted, seed_everything
-from ..train import History, Recipe, TrainingDiverged, fit
+from ..runtime import seed_everything
+from ..train import History, Recipe, TrainingDiverged, train_model
+
+# Defined in the chapter's other modules (which import this one); ``__getattr__`` below loads them.
+_MOVED = {
+    **dict.fromkeys(("toy_mixture", "ToyClassifier", "train_toy_jem", "grid_log_density", "histogram_tv",
+                     "plot_energy_landscape", "plot_toy_sgld", "plot_ood_histograms", "plot_samples",
+                     "plot_energy_trace"), "minidistill.methods.jem_plots"),
+    **dict.fromkeys(("check_energy", "check_sgld_step", "check_px_loss", "check_sampler_temperature"),
+                    "minidistill.exercises.jem"),
+}
 
 __all__ = [
     # the model's densities
-    "energy",
-    "joint_energy",
-    "px_loss",
-    "jem_loss",
+    "energy", "joint_energy", "px_loss", "jem_loss",
     # the sampler
-    "langevin_noise",
-    "sampler_temperature",
-    "sgld",
-    "ReplayBuffer",
-    "PixelSpace",
+    "langevin_noise", "sampler_temperature", "sgld", "ReplayBuffer", "PixelSpace",
     # training
-    "JEMDiverged",
-    "JEMObjective",
-    "without_batchnorm",
-    "energy_model",
-    "JEMResult",
-    "train_jem",
+    "JEMDiverged", "JEMObjective", "without_batchnorm", "energy_model", "JEMResult", "train_jem",
     # evaluation
-    "make_gratings",
-    "ood_sets",
-    "ood_scores",
-    "ood_aurocs",
-    # the 2-D toy
-    "toy_mixture",
-    "ToyClassifier",
-    "train_toy_jem",
-    "grid_log_density",
-    "histogram_tv",
-    # figures
-    "plot_energy_landscape",
-    "plot_toy_sgld",
-    "plot_ood_histograms",
-    "plot_samples",
-    "plot_energy_trace",
-    # exercises
-    "check_energy",
-    "check_sgld_step",
-    "check_px_loss",
-    "check_sampler_temperature",
+    "make_gratings", "ood_sets", "ood_scores", "ood_aurocs",
+    # the 2-D toy and the figures (jem_plots), the exercises' self-checks (exercises.jem)
+    *_MOVED,
 ]
 
 # The official code's sampler and training defaults (train_wrn_ebm.py, README of wgrathwohl/JEM).
-PAPER = {"step_size": 1.0, "noise": 0.01, "n_steps": 20, "buffer_size": 10_000, "reinit_prob": 0.05,
-         "data_noise": 0.03}
+PAPER = dict(step_size=1.0, noise=0.01, n_steps=20, buffer_size=10_000, reinit_prob=0.05, data_noise=0.03)
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits", ndim: int | None = None) -> None:
@@ -113,7 +92,7 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
     logits are computed in float32 (float64 stays float64).
     """
     _check_logits(logits)
-    return -torch.logsumexp(_upcast(logits), dim=-1)
+    return -torch.logsumexp(upcast(logits), dim=-1)
 
 
 def joint_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,18 +102,16 @@ def joint_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     _check_logits(logits, ndim=2)
     _check_targets(logits, y)
-    return -_upcast(logits).gather(1, y.view(-1, 1)).squeeze(1)
+    return -upcast(logits).gather(1, y.view(-1, 1)).squeeze(1)
 
 
 def px_loss(logits_data: torch.Tensor, logits_samples: torch.Tensor) -> torch.Tensor:
-    r"""The contrastive surrogate for $-\log p(x)$:
-    $\;\overline{E(x_\mathrm{data})} - \overline{E(x')}$, batch means, $x' \sim p_\theta$ (SGLD).
+    r"""The contrastive surrogate for $-\log p(x)$: $\overline{E(x_\mathrm{data})} - \overline{E(x')}$,
+    batch means, $x' \sim p_\theta$ (SGLD samples: constants, with no graph to the sampler).
 
-    Its gradient is the estimate of $-\partial\log p_\theta(x)/\partial\theta =
-    \partial E(x)/\partial\theta - \mathbb E_{p_\theta(x')}[\partial E(x')/\partial\theta]$:
-    it pulls the data's energy down and the samples' energy up. The samples must come in
-    without a graph to the sampler (they are constants). Its value, the *energy gap*, is
-    what :class:`JEMObjective` watches for divergence.
+    Its gradient is the estimate of $-\partial\log p_\theta(x)/\partial\theta = \partial E(x)/\partial\theta -
+    \mathbb E_{p_\theta(x')}[\partial E(x')/\partial\theta]$: it pulls the data's energy down and
+    the samples' energy up. Its value, the *energy gap*, is what :class:`JEMObjective` guards.
     """
     _check_logits(logits_data, "logits_data", ndim=2)
     _check_logits(logits_samples, "logits_samples", ndim=2)
@@ -145,24 +122,33 @@ def px_loss(logits_data: torch.Tensor, logits_samples: torch.Tensor) -> torch.Te
 
 
 def jem_loss(logits_data: torch.Tensor, y: torch.Tensor, logits_samples: torch.Tensor | None = None,
-             px_weight: float = 1.0, pyx_weight: float = 1.0) -> torch.Tensor:
+             px_weight: float = 1.0, pyx_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""JEM's loss, the negative of $\log p(y|x) + \log p(x)$ with the contrastive estimate:
 
-    $$\mathcal L = w_{y|x}\,\mathrm{CE}\big(f(x), y\big) + w_x\,\Big(\overline{E(x)} - \overline{E(x')}\Big)$$
+    $$\mathcal L = w_{y|x}\,\overline{E(x, y) - E(x)} + w_x\,\Big(\overline{E(x)} - \overline{E(x')}\Big)$$
 
-    (the paper's CIFAR runs use $w_{y|x} = w_x = 1$). ``logits_samples=None`` requires
-    ``px_weight=0``: the plain classifier.
+    where $E(x, y) - E(x) = -\log p(y|x)$ is the cross-entropy (Bayes' rule: $Z$ cancels); the
+    paper's CIFAR runs use $w_{y|x} = w_x = 1$. Returns ``(loss, terms)``, ``terms`` the
+    detached ``ce``, ``energy_data`` ($\overline{E(x)}$) and, given samples, ``energy_samples``
+    ($\overline{E(x')}$) and ``gap`` (their difference, :func:`px_loss`). ``logits_samples=None``
+    requires ``px_weight=0``: the plain classifier.
     """
     _check_logits(logits_data, "logits_data", ndim=2)
     _check_targets(logits_data, y)
     _check_nonneg("px_weight", px_weight)
     _check_nonneg("pyx_weight", pyx_weight)
-    loss = pyx_weight * F.cross_entropy(_upcast(logits_data), y)
-    if px_weight:
-        if logits_samples is None:
-            raise ValueError("px_weight > 0 needs logits_samples (the model's logits on SGLD samples)")
-        loss = loss + px_weight * px_loss(logits_data, logits_samples)
-    return loss
+    if px_weight and logits_samples is None:
+        raise ValueError("px_weight > 0 needs logits_samples (the model's logits on SGLD samples)")
+    e_data = energy(logits_data)
+    ce = (joint_energy(logits_data, y) - e_data).mean()
+    loss = pyx_weight * ce
+    terms = {"ce": ce, "energy_data": e_data.mean()}
+    if logits_samples is not None:
+        gap = px_loss(logits_data, logits_samples)
+        terms.update(energy_samples=energy(logits_samples).mean(), gap=gap)
+        if px_weight:
+            loss = loss + px_weight * gap
+    return loss, {k: v.detach() for k, v in terms.items()}
 
 
 # -- the sampler -----------------------------------------------------------------------------
@@ -323,22 +309,21 @@ class JEMDiverged(TrainingDiverged):
     """JEM's energy gap blew up (or became NaN) before the loss did; training was stopped."""
 
 
-class JEMObjective(nn.Module):
-    r"""JEM as an objective for :func:`~minidistill.train.fit`: ``objective(model, x, y) -> (loss, logits)``.
+class JEMObjective(Objective):
+    r"""JEM as an :class:`~minidistill.losses.Objective` for :func:`~minidistill.train.fit`.
 
     Per training step: noise $\sigma_\mathrm{data}$ is added to the batch (in pixel space);
-    ``n_samples`` chains are drawn from the :class:`ReplayBuffer`, moved by :func:`sgld` on
-    $E(x) = -\mathrm{LSE} f(x)$ with the model in eval mode, and written back; the data and
-    the samples go through the model in one forward pass; the loss is :func:`jem_loss`
-    (written out, so that the two mean energies also feed the guard and :meth:`energy_trace`).
-    With ``px_weight=0`` no sampling happens: the plain classifier, with the same data noise.
-    ``n_samples`` chains per step (default: the batch size); ``space`` maps the chains' pixel
-    space to the network's input (``None``: the identity, as on the 2-D toy).
+    ``n_samples`` chains (default: the batch size) are drawn from the :class:`ReplayBuffer`,
+    moved by :func:`sgld` with the model in eval mode, and written back; data and samples go
+    through the model in one forward pass; loss and terms are :func:`jem_loss`'s (``fit`` logs
+    ``ce``, ``energy_data``, ``energy_samples``, ``gap`` per epoch). ``px_weight=0`` is the plain
+    classifier with the same data noise, no sampling. ``space`` maps the chains' pixel space
+    to the network's input (``None``: the identity).
 
-    Divergence guard: the running maximum of the energy gap $|\overline{E(x)} - \overline{E(x')}|$
-    is kept on the device and read every ``check_every`` steps (one host sync, never per SGLD
-    step); if it exceeds ``max_energy_gap`` or is not finite, :class:`JEMDiverged` is raised with
-    a report. ``fit`` itself only catches a loss that is already NaN.
+    Divergence guard: the largest energy gap $|\overline{E(x)} - \overline{E(x')}|$ since the
+    last check stays on the device and is read every ``check_every`` training steps and at the
+    last one (never per SGLD step); above ``max_energy_gap`` or not finite, it raises
+    :class:`JEMDiverged` with a report, before ``fit`` would see a NaN loss.
     """
 
     def __init__(
@@ -373,8 +358,6 @@ class JEMObjective(nn.Module):
         self.n_steps, self.step_size, self.noise, self.data_noise = n_steps, step_size, noise, data_noise
         self.px_weight, self.pyx_weight, self.n_samples = px_weight, pyx_weight, n_samples
         self.max_energy_gap, self.check_every = max_energy_gap, check_every
-        self.steps = 0
-        self._trace: list[torch.Tensor] = []
         self._worst: torch.Tensor | None = None
 
     def to_model(self, u: torch.Tensor) -> torch.Tensor:
@@ -384,8 +367,7 @@ class JEMObjective(nn.Module):
         return x if self.space is None else self.space.from_model(x)
 
     def sample(self, model: nn.Module, n: int, n_steps: int | None = None) -> torch.Tensor:
-        """Draw ``n`` chains from the buffer, run SGLD (model in eval mode), write them back and
-        return them (in the sampler's space)."""
+        """``n`` chains from the buffer after SGLD (model in eval mode), written back and returned."""
         x0, idx = self.buffer.sample(n)
         was_training = model.training
         model.eval()
@@ -397,42 +379,33 @@ class JEMObjective(nn.Module):
         self.buffer.update(idx, xq)
         return xq
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         if self.data_noise:
             x = self.to_model(self.from_model(x) + self.data_noise * torch.randn_like(x))
-        if not self.px_weight:
+        logits_q = None
+        if self.px_weight:
+            xq = self.sample(model, self.n_samples or len(x))
+            logits_all = model(torch.cat([x, self.to_model(xq).to(x.dtype)]))
+            logits, logits_q = logits_all[: len(x)], logits_all[len(x):]
+        else:  # the plain classifier: no sampling
             logits = model(x)
-            return jem_loss(logits, y, None, 0.0, self.pyx_weight), logits
-        xq = self.sample(model, self.n_samples or len(x))
-        logits_all = model(torch.cat([x, self.to_model(xq).to(x.dtype)]))
-        logits, logits_q = logits_all[: len(x)], logits_all[len(x):]
-        e_data, e_q = energy(logits).mean(), energy(logits_q).mean()
-        gap = e_data - e_q
-        loss = self.pyx_weight * F.cross_entropy(_upcast(logits), y) + self.px_weight * gap
-        self._watch(e_data.detach(), e_q.detach())
-        return loss, logits
+        loss, terms = jem_loss(logits, y, logits_q, self.px_weight, self.pyx_weight)
+        if logits_q is not None:
+            self._guard(terms["gap"])
+        return loss, logits, terms
 
-    def _watch(self, e_data: torch.Tensor, e_q: torch.Tensor) -> None:
-        self.steps += 1
-        self._trace.append(torch.stack([e_data, e_q]))
-        gap = (e_data - e_q).abs()
+    def _guard(self, gap: torch.Tensor) -> None:
+        gap = gap.abs()
         self._worst = gap if self._worst is None else torch.maximum(self._worst, gap)  # NaN propagates
-        if self.steps % self.check_every == 0:
-            worst = self._worst.item()
-            self._worst = None
+        if (self.step + 1) % self.check_every == 0 or self.step + 1 >= self.total_steps:
+            worst, self._worst = self._worst.item(), None
             if not worst <= self.max_energy_gap:
                 raise JEMDiverged(
-                    f"JEM diverged by training step {self.steps}: the energy gap |mean E(data) - mean E(samples)| "
-                    f"reached {worst:.4g} (limit {self.max_energy_gap:.4g}). The SGLD samples no longer track the "
-                    f"model, so the p(x) term would blow the logits up. Remedies (from the official code's README): "
-                    f"more data noise (data_noise=0.1 is more stable than 0.03), a lower learning rate or a longer "
-                    f"warm-up, more SGLD steps per update (n_steps), a smaller SGLD step_size.")
-
-    def energy_trace(self) -> torch.Tensor:
-        """``[steps, 2]`` (CPU): mean energy of the data batch and of the SGLD samples, per step."""
-        if not self._trace:
-            return torch.zeros(0, 2)
-        return torch.stack(self._trace).float().cpu()
+                    f"JEM diverged by training step {self.step + 1}: the energy gap |mean E(data) - mean "
+                    f"E(samples)| reached {worst:.4g} (limit {self.max_energy_gap:.4g}). The SGLD samples no longer "
+                    f"track the model, so the p(x) term would blow the logits up. Remedies (from the official "
+                    f"code's README): more data noise (data_noise=0.1 is more stable than 0.03), a lower learning "
+                    f"rate or a longer warm-up, more SGLD steps per update (n_steps), a smaller SGLD step_size.")
 
 
 def without_batchnorm(model: nn.Module, zero_init_residual: bool = True) -> nn.Module:
@@ -467,8 +440,9 @@ def energy_model(name: str, num_classes: int) -> nn.Module:
 
 
 class JEMResult(NamedTuple):
-    """What :func:`train_jem` returns: the trained model, its history and the objective (which
-    holds the replay buffer and the energy trace)."""
+    """What :func:`train_jem` returns: the trained model, its history (with the objective's
+    terms as ``train_ce``, ``train_energy_data``, ... columns) and the objective (which holds
+    the replay buffer)."""
 
     model: nn.Module
     history: History
@@ -493,36 +467,39 @@ def train_jem(
     max_energy_gap: float = 1e3,
     **fit_kwargs,
 ) -> JEMResult:
-    r"""Train a JEM: :func:`~minidistill.train.fit` with a :class:`JEMObjective`.
+    r"""Train a JEM: :func:`~minidistill.train.train_model` with a :class:`JEMObjective`.
 
     ``model`` is a model name (built from ``seed`` by :func:`energy_model`, i.e. without batch
     norm) or a module. ``px_weight=0`` trains the same network as a plain classifier (same
     initial weights, data order and data noise; no SGLD). SGLD runs in pixel space $[-1, 1]$
     (:class:`PixelSpace`) with the paper's defaults. Raises :class:`JEMDiverged` with a report
-    if the energy gap exceeds ``max_energy_gap``; extra keyword arguments go to ``fit``.
+    if the energy gap exceeds ``max_energy_gap``; extra keyword arguments go to ``fit``
+    (``eval_every=None`` for a run whose test curve nobody plots).
     """
     if not isinstance(data, Dataset):
         raise ValueError(f"data must be a minidistill Dataset, got {type(data).__name__}")
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe must be a train.Recipe, got {type(recipe).__name__}")
-    seed_everything(seed)
     if isinstance(model, str):
-        model = energy_model(model, data.num_classes)
-    elif not isinstance(model, nn.Module):
+        name, build = model, lambda: energy_model(model, data.num_classes)
+    elif isinstance(model, nn.Module):
+        name, build = type(model).__name__, lambda: model
+        if px_weight and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            warnings.warn("the model has batch-norm layers: real images and SGLD samples will share batch "
+                          "statistics; JEM uses none (see without_batchnorm)", stacklevel=2)
+    else:
         raise ValueError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
-    elif px_weight and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        warnings.warn("the model has batch-norm layers: real images and SGLD samples will share batch "
-                      "statistics; JEM uses none (see without_batchnorm)", stacklevel=2)
+    seed_everything(seed)  # the buffer's uniform start depends on the seed alone
     buffer = ReplayBuffer(buffer_size, data.x_train.shape[1:], reinit_prob=reinit_prob)
     objective = JEMObjective(buffer, PixelSpace.from_dataset(data), n_steps=n_steps, step_size=step_size,
                              noise=noise, data_noise=data_noise, px_weight=px_weight, pyx_weight=pyx_weight,
                              n_samples=n_samples, max_energy_gap=max_energy_gap)
-    fit_kwargs.setdefault("description", f"{'JEM' if px_weight else 'plain'} {type(model).__name__} (seed {seed})")
-    history = fit(model, data, objective, recipe, seed=seed, **fit_kwargs)
+    description = fit_kwargs.pop("description", None) or f"{'JEM' if px_weight else 'plain'} {name} (seed {seed})"
+    net, history = train_model(build, data, recipe, objective, seed=seed, description=description, **fit_kwargs)
     history.meta["jem"] = {"n_steps": n_steps, "step_size": step_size, "noise": noise, "buffer_size": buffer_size,
                            "reinit_prob": reinit_prob, "data_noise": data_noise, "px_weight": px_weight,
                            "pyx_weight": pyx_weight}
-    return JEMResult(model, history, objective)
+    return JEMResult(net, history, objective)
 
 
 # -- evaluation: out-of-distribution detection -----------------------------------------------
@@ -544,16 +521,11 @@ def make_gratings(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def ood_sets(data: Dataset, n: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Out-of-distribution image sets the profile can make offline, as uint8 ``[n, 3, H, W]``
-    of ``data``'s image size:
-
-    - ``uniform noise``: every pixel uniform in 0..255;
-    - ``constant colour``: one random colour per image;
-    - ``interpolated test images``: the pixel mean of two random test images (the paper's
-      "interpolated CIFAR-10");
-    - ``gratings``: :func:`make_gratings`;
-    - ``shapes``: the smoke data set drawn at this size (unless ``data`` is shapes).
-    """
+    """Out-of-distribution image sets made offline, uint8 ``[n, 3, H, W]`` at ``data``'s image
+    size: ``uniform noise`` (every pixel uniform in 0..255), ``constant colour`` (one random
+    colour per image), ``interpolated test images`` (the pixel mean of two random test images,
+    the paper's "interpolated CIFAR-10"), ``gratings`` (:func:`make_gratings`) and ``shapes``
+    (the smoke data set drawn at this size, unless ``data`` is shapes)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     _, c, h, w = data.x_test.shape
@@ -609,361 +581,20 @@ def ood_aurocs(scores_in: Mapping[str, torch.Tensor],
     ``scores_in`` is :func:`ood_scores` of the in-distribution test images, ``scores_out``
     maps each OOD set's name to its :func:`ood_scores`.
     """
-    result = {}
-    for name, s_out in scores_out.items():
-        result[name] = {}
-        for score, s_in in scores_in.items():
-            both = torch.cat([s_in, s_out[score]])
-            labels = torch.cat([torch.ones(len(s_in), dtype=torch.int64), torch.zeros(len(s_out[score]), dtype=torch.int64)])
-            result[name][score] = auroc(both, labels)
-    return result
+    def one(s_in: torch.Tensor, s_out: torch.Tensor) -> float:
+        return auroc(torch.cat([s_in, s_out]), torch.cat([torch.ones(len(s_in)), torch.zeros(len(s_out))]).long())
+
+    return {name: {score: one(s_in, s_out[score]) for score, s_in in scores_in.items()}
+            for name, s_out in scores_out.items()}
 
 
-# -- the 2-D toy -----------------------------------------------------------------------------
-
-def toy_mixture(n: int = 600, num_classes: int = 3, radius: float = 1.5, std: float = 0.5,
-                seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [n, 2], y [n])``: a 2-D mixture of ``num_classes`` Gaussians (std ``std``) centred
-    on a circle of radius ``radius``, one per class, in equal numbers."""
-    if not isinstance(n, int) or n < num_classes or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"need num_classes >= 2 and n >= num_classes, got n={n!r}, num_classes={num_classes!r}")
-    _check_nonneg("std", std, positive=True)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
-    angle = 2 * math.pi * y.to(dtype) / num_classes + math.pi / 2
-    centres = radius * torch.stack([angle.cos(), angle.sin()], 1)
-    x = centres + std * torch.randn(n, 2, generator=g, dtype=dtype)
-    return x, y
+def __getattr__(name: str):
+    """The toy and the figures (:mod:`~minidistill.methods.jem_plots`) and the exercises'
+    self-checks (:mod:`minidistill.exercises.jem`), imported on first use."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ToyClassifier(nn.Module):
-    r"""A small MLP classifier of 2-D points, $f(x) = g(x) - \frac{\|x\|^2}{2 s^2}\mathbf 1$.
-
-    The second term is the same for every class, so it leaves $p(y|x)$ alone (the shift
-    property) but makes $p(x) \propto \sum_y e^{f(x)[y]}$ integrable: an MLP's logits can grow
-    linearly far from the data, the quadratic wins. ``envelope`` is $s$.
-    """
-
-    def __init__(self, num_classes: int = 3, hidden: int = 64, envelope: float = 3.0) -> None:
-        super().__init__()
-        _check_nonneg("envelope", envelope, positive=True)
-        self.net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, num_classes))
-        self.envelope = envelope
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) - (x**2).sum(-1, keepdim=True) / (2 * self.envelope**2)
-
-
-def train_toy_jem(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    steps: int = 300,
-    seed: int = 0,
-    lr: float = 1e-2,
-    lim: float = 4.0,
-    grid: int = 48,
-    px_weight: float = 1.0,
-    hidden: int = 32,
-) -> tuple[ToyClassifier, History]:
-    r"""Train a :class:`ToyClassifier` on 2-D points with JEM's objective, full batch, Adam,
-    in the dtype of ``x`` (float64 on the CPU makes it repeatable).
-
-    In two dimensions $Z$ needs no sampler: $\log Z \approx \log\sum_c e^{-E(x_c)}\,\Delta$
-    over the centres $x_c$ of a ``grid`` x ``grid`` cell grid on $[-\mathrm{lim}, \mathrm{lim}]^2$
-    (cell area $\Delta$), so the loss is the exact
-    $\mathrm{CE} + w_x\,\big(\overline{E(x)} + \log Z\big) = -\overline{\log p(y|x)} - w_x\,\overline{\log p(x)}$,
-    whose $\theta$-gradient is the difference of expectations that SGLD estimates for images.
-    ``px_weight=0`` trains a plain classifier. The history has one record per 50 steps.
-    """
-    if x.ndim != 2 or x.shape[1] != 2 or not x.dtype.is_floating_point:
-        raise ValueError(f"x must be float points [N, 2], got {x.dtype} {tuple(x.shape)}")
-    _check_targets(x, y)
-    _check_nonneg("px_weight", px_weight)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    seed_everything(seed)
-    model = ToyClassifier(int(y.max()) + 1, hidden).to(x.device, x.dtype)
-    _, pts = _grid(lim, grid, x.dtype)
-    pts = pts.to(x.device)
-    log_cell = math.log((2 * lim / grid) ** 2)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history = History(meta={"model": "ToyClassifier", "objective": "JEM (exact log Z on a grid)",
-                            "data": "toy mixture", "seed": seed, "steps": steps, "px_weight": px_weight})
-    model.train()
-    for step in range(steps):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if px_weight:
-            log_z = torch.logsumexp(-energy(model(pts)), 0) + log_cell
-            loss = loss + px_weight * (energy(logits).mean() + log_z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the toy model's loss became {loss.item()} at step {step + 1}; lower lr")
-            history.records.append({"epoch": step + 1, "train_loss": loss.item(),
-                                    "train_acc": 100.0 * (logits.argmax(1) == y).double().mean().item()})
-    model.eval()
-    return model, history
-
-
-def _grid(lim: float, n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    centres = torch.linspace(-lim, lim, 2 * n + 1, dtype=dtype)[1::2]        # cell centres
-    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
-    return centres, torch.stack([gx.flatten(), gy.flatten()], 1)
-
-
-@torch.no_grad()
-def grid_log_density(model: nn.Module, lim: float = 4.0, n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(centres [n], log_p [n, n])``: the model's $\log p(x)$ at the centres of an
-    ``n`` x ``n`` grid of cells on $[-\mathrm{lim}, \mathrm{lim}]^2$, normalised so that
-    $\sum p \cdot \mathrm{cell\ area} = 1$ over the box. ``log_p[i, j]`` is at
-    ``(x=centres[j], y=centres[i])``."""
-    p = next(model.parameters())
-    centres, pts = _grid(lim, n, p.dtype)
-    log_q = -energy(model(pts.to(p.device))).reshape(n, n).cpu()
-    cell = (2 * lim / n) ** 2
-    return centres, log_q - torch.logsumexp(log_q.flatten(), 0) - math.log(cell)
-
-
-def histogram_tv(samples: torch.Tensor, model: nn.Module, lim: float = 4.0, bins: int = 16,
-                 resolution: int = 8) -> float:
-    r"""Total variation distance between the histogram of 2-D ``samples`` and the model's
-    density, both on ``bins`` x ``bins`` cells of $[-\mathrm{lim}, \mathrm{lim}]^2$:
-    $\frac12\sum_b |\hat p_b - p_b|$ (samples outside the box count as mass the model lacks).
-    0 is a perfect match, 1 disjoint. Even exact samples score about
-    $\sqrt{\text{bins}^2 / (2\pi N)}$ from counting noise."""
-    if samples.ndim != 2 or samples.shape[1] != 2:
-        raise ValueError(f"samples must be [N, 2] points, got {tuple(samples.shape)}")
-    _, log_p = grid_log_density(model, lim, bins * resolution)
-    p = log_p.exp().reshape(bins, resolution, bins, resolution).sum((1, 3))
-    p = p / p.sum()
-    s = samples.detach().double().cpu()
-    inside = (s.abs() < lim).all(1)
-    idx = ((s[inside] + lim) / (2 * lim) * bins).floor().long().clamp(0, bins - 1)
-    counts = torch.zeros(bins, bins, dtype=torch.float64)
-    counts.index_put_((idx[:, 1], idx[:, 0]), torch.ones(len(idx), dtype=torch.float64), accumulate=True)
-    return 0.5 * ((counts / len(s) - p).abs().sum().item() + (1 - inside.double().mean().item()))
-
-
-# -- figures ---------------------------------------------------------------------------------
-
-def plot_energy_landscape(model: nn.Module, lim: float = 4.0, points: torch.Tensor | None = None,
-                          labels: torch.Tensor | None = None, title: str = r"$\log p(x)$ of the toy JEM",
-                          ax=None, n: int = 80, boundaries: bool = False):
-    r"""Heat map of the model's normalised $\log p(x) = -E(x) - \log Z$ on the box, with
-    ``points`` on top (coloured by ``labels`` if given) and, with ``boundaries``, the
-    classifier's decision boundaries (where $\arg\max_y p(y|x)$ changes) as white lines."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.2, 3.6))
-    centres, log_p = grid_log_density(model, lim, n)
-    c = centres.numpy()
-    # filled contours (12 bands of one nat) read like a map and keep the PNG small
-    top = math.ceil(log_p.max().item())
-    mesh = ax.contourf(c, c, log_p.clamp_min(top - 12).numpy(), levels=list(range(top - 12, top + 1)), cmap="viridis")
-    fig.colorbar(mesh, ax=ax, label=r"$\log p(x)$", shrink=0.85)
-    if boundaries:
-        p = next(model.parameters())
-        _, pts = _grid(lim, n, p.dtype)
-        with torch.no_grad():
-            pred = model(pts.to(p.device)).argmax(-1).reshape(n, n).cpu().double()
-        k = int(pred.max().item()) + 1
-        ax.contour(c, c, pred.numpy(), levels=[i + 0.5 for i in range(k - 1)], colors="white", linewidths=1)
-    if points is not None:
-        pts = points.detach().cpu().double()
-        inside = (pts.abs() < lim).all(1)
-        style = dict(c="white") if labels is None else dict(c=labels.cpu()[inside].numpy(), cmap="tab10", vmin=0, vmax=9)
-        ax.scatter(pts[inside, 0].numpy(), pts[inside, 1].numpy(), s=4, alpha=0.7, linewidths=0,
-                   label=f"{'points' if labels is None else 'data, coloured by class'} ({int(inside.sum())} in view)",
-                   **style)
-        ax.legend(loc="lower left", fontsize=7)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=10)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    return fig
-
-
-def plot_toy_sgld(model: nn.Module, step_size: float = PAPER["step_size"], noise: float = PAPER["noise"],
-                  n_steps: int = 200, n_chains: int = 1000, lim: float = 4.0, seed: int = 0, ax=None):
-    r"""Run :func:`sgld` on the toy model from ``n_chains`` uniform starts and draw the final
-    states over its $\log p(x)$; the title gives the sampler's temperature
-    $\sigma^2/(2\alpha)$ and the histogram's total variation distance to $p(x)$."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    x0 = (torch.rand(n_chains, 2, generator=g, dtype=dtype) * 2 - 1) * lim
-    xs = sgld(lambda v: energy(model(v)), x0, n_steps, step_size, noise, generator=g)
-    xs = torch.where(torch.isfinite(xs), xs, torch.full_like(xs, 1e9))   # diverged chains: out of view
-    tv = histogram_tv(xs, model, lim)
-    temp = sampler_temperature(step_size, noise) if step_size > 0 else float("inf")
-    title = (rf"SGLD: $\alpha$ = {step_size:.3g}, $\sigma$ = {noise:.3g}, {n_steps} steps" + "\n"
-             + rf"$T = \sigma^2/2\alpha$ = {temp:.2g}, TV to $p(x)$ = {tv:.2f}")
-    return plot_energy_landscape(model, lim, xs, title=title, ax=ax)
-
-
-def plot_ood_histograms(scores_in: torch.Tensor, scores_out: Mapping[str, torch.Tensor],
-                        score: str = "log p(x)", title: str | None = None, ax=None, bins: int = 40):
-    """Overlaid histograms of one score for the in-distribution test set and each OOD set."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.2))
-    allv = torch.cat([scores_in, *scores_out.values()]).double()
-    lo, hi = torch.quantile(allv, 0.005).item(), torch.quantile(allv, 0.995).item()
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1, bins + 1).numpy()
-    ax.hist(scores_in.clamp(lo, hi).numpy(), edges, density=True, alpha=0.6, label="test set (in-distribution)")
-    for name, s in scores_out.items():
-        ax.hist(s.clamp(lo, hi).numpy(), edges, density=True, histtype="step", lw=1.5, label=name)
-    ax.set_xlabel(score)
-    ax.set_ylabel("density")
-    ax.set_title(title or f"{score} of in- and out-of-distribution images")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_samples(images: torch.Tensor, nrow: int = 8, title: str = "SGLD samples", ax=None):
-    """A grid of images given in $[-1, 1]$ pixel space (``[N, 3, H, W]``, as SGLD makes them);
-    values outside the range are clipped for display."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [N, 3, H, W] (or 1 channel), got {tuple(images.shape)}")
-    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    n, c, h, w = x.shape
-    ncol = min(nrow, n)
-    rows = -(-n // ncol)
-    grid = torch.ones(c, rows * (h + 1) + 1, ncol * (w + 1) + 1)
-    for k in range(n):
-        r, q = divmod(k, ncol)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[k]
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.45 * ncol + 0.4, 0.45 * rows + 0.6))
-    ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if c == 1 else None, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_energy_trace(traces: Mapping[str, torch.Tensor], title: str = "Energies during JEM training", ax=None):
-    """Mean energy of the data batch (solid) and of the SGLD samples (dashed) per training
-    step, for ``{label: JEMObjective.energy_trace()}``. Training is healthy while the two stay
-    close; a gap that runs away is divergence."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.2))
-    for i, (label, t) in enumerate(traces.items()):
-        ax.plot(t[:, 0].numpy(), color=f"C{i}", lw=1, label=f"{label}: data")
-        ax.plot(t[:, 1].numpy(), color=f"C{i}", lw=1, ls="--", label=f"{label}: SGLD samples")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(r"mean energy $E(x) = -\mathrm{LSE}\,f(x)$")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-# -- self-checks for the exercises -----------------------------------------------------------
-# Each check prints one line starting with a tick when the answer is right, says "not
-# attempted yet" while the exercise still raises NotImplementedError, and raises an
-# AssertionError with a hint when the answer is wrong.
-
-
-def _is_tensor(got, shape) -> None:
-    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(shape):
-        raise AssertionError(f"expected a tensor of shape {tuple(shape)}, got {type(got).__name__} "
-                             f"{tuple(getattr(got, 'shape', ()))}")
-
-
-def check_energy(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 1: your ``fn(logits)`` must return $E(x) = -\\log\\sum_y e^{f(x)[y]}$ per row,
-    finite for logits in the thousands, without ``torch.logsumexp``."""
-    if not attempted(fn, torch.zeros(1, 3)):
-        return
-    g = torch.Generator().manual_seed(0)
-    for scale in (1.0, 10.0, 1000.0):
-        z = torch.randn(6, 10, generator=g, dtype=torch.float64) * scale
-        got, want = fn(z), energy(z)
-        _is_tensor(got, want.shape)
-        if torch.allclose(got, want, rtol=1e-6, atol=1e-9):
-            continue
-        if not torch.isfinite(got).all():
-            raise AssertionError("inf/NaN for large logits: subtract each row's maximum before exp() and add it back")
-        if torch.allclose(got, -want, rtol=1e-6):
-            raise AssertionError("wrong sign: the energy is MINUS the log-sum-exp (low energy = high density)")
-        if torch.allclose(got, -z.max(-1).values, rtol=1e-9):
-            raise AssertionError("that is minus the largest logit: sum exp() over all classes, not just the top one")
-        raise AssertionError(f"values differ at logit scale {scale:g}: check that you sum over the class dimension "
-                             "(the last one) and take the log after the sum")
-    print("✓ energy: correct")
-
-
-def check_sgld_step(fn: Callable[..., torch.Tensor]) -> None:
-    """Exercise 2: ``fn(x, grad_energy, step_size, noise, eps)`` must return one SGLD step
-    $x - \\alpha \\nabla_x E + \\sigma\\,\\epsilon$ (``eps`` is the standard normal draw)."""
-    x0 = torch.zeros(4, 2, dtype=torch.float64)
-    if not attempted(fn, x0, x0, 0.1, 0.1, x0):
-        return
-    g = torch.Generator().manual_seed(1)
-    x, grad, eps = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
-    for alpha, sigma in ((0.1, 0.05), (0.3, 0.2), (0.01, math.sqrt(0.02))):
-        got = fn(x, grad, alpha, sigma, eps)
-        want = x - alpha * grad + sigma * eps
-        _is_tensor(got, want.shape)
-        if torch.allclose(got, want):
-            continue
-        if torch.allclose(got, x + alpha * grad + sigma * eps):
-            raise AssertionError("you climb the energy: step AGAINST its gradient (x - alpha * grad)")
-        if torch.allclose(got, x - alpha * grad + alpha * sigma * eps):
-            raise AssertionError("the noise is not multiplied by the step size: add sigma * eps")
-        if torch.allclose(got, x - alpha * grad + sigma**2 * eps) or torch.allclose(got, x - alpha * grad + math.sqrt(sigma) * eps):
-            raise AssertionError("sigma is the noise's standard deviation: multiply eps by sigma itself")
-        raise AssertionError(f"values differ at alpha={alpha}, sigma={sigma:.3g}: x_next = x - alpha * grad + sigma * eps")
-    print("✓ SGLD step: correct")
-
-
-def check_px_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 3: ``fn(logits_data, logits_samples)`` must return the contrastive surrogate
-    $\\overline{E(x_\\mathrm{data})} - \\overline{E(x')}$ whose gradient estimates $-\\nabla_\\theta \\log p(x)$."""
-    z = torch.zeros(2, 3)
-    if not attempted(fn, z, z):
-        return
-    g = torch.Generator().manual_seed(2)
-    ld = torch.randn(16, 10, generator=g, dtype=torch.float64) * 3
-    lq = torch.randn(24, 10, generator=g, dtype=torch.float64) * 3 + 1
-    got, want = fn(ld, lq), px_loss(ld, lq)
-    if not isinstance(got, torch.Tensor) or got.ndim != 0:
-        raise AssertionError("expected a scalar tensor (mean over each batch, then the difference)")
-    if not torch.allclose(got, want):
-        if torch.allclose(got, -want):
-            raise AssertionError("wrong sign: minimising it must LOWER the data's energy and RAISE the samples' "
-                                 "(data energy minus sample energy)")
-        if torch.allclose(got, lq.max(-1).values.mean() - ld.max(-1).values.mean()):
-            raise AssertionError("that uses the largest logit; the energy of p(x) is -logsumexp over classes")
-        if torch.allclose(got, energy(ld).sum() - energy(lq).sum()):
-            raise AssertionError("use batch MEANS: the two batches can differ in size")
-        raise AssertionError(f"value {got.item():.6g} != {want.item():.6g}: mean E(data) - mean E(samples), "
-                             "with E = -logsumexp(logits)")
-    print("✓ contrastive p(x) loss: correct")
-
-
-def check_sampler_temperature(answer: float | None) -> None:
-    """Exercise 4: at which temperature $T$ (stationary density $\\propto p(x)^{1/T}$) does the
-    paper's sampler, $\\alpha = 1$ and $\\sigma = 0.01$, sample?"""
-    if answer is None or answer is ...:
-        print("… not attempted yet: replace the ... with your number")
-        return
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        raise AssertionError("answer with a number")
-    want = sampler_temperature(1.0, 0.01)
-    if math.isclose(answer, want, rel_tol=0.02):
-        print(f"✓ temperature: correct -- T = sigma^2 / (2 alpha) = {want:g}, so the chains sample p(x)^{1 / want:,.0f}: "
-              "nearly noise-free gradient descent on the energy")
-    elif math.isclose(answer, 0.01**2, rel_tol=0.02):
-        raise AssertionError("close: Langevin's noise variance is 2 * alpha * T, don't forget the factor 2")
-    elif math.isclose(answer, 0.01 / 2, rel_tol=0.02):
-        raise AssertionError("not quite: the temperature involves the noise VARIANCE sigma^2, not sigma")
-    elif math.isclose(answer, 1.0, rel_tol=0.02):
-        raise AssertionError("T = 1 is true Langevin, which needs sigma = sqrt(2 alpha) = 1.41, not 0.01")
-    else:
-        raise AssertionError("not quite: match x - alpha grad E + sigma eps to Langevin at temperature T, "
-                             "x - alpha grad E + sqrt(2 alpha T) eps")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MOVED))

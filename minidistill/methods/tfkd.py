@@ -7,13 +7,17 @@ distribution, and label smoothing is distillation from a *virtual* teacher. This
 * the targets: :func:`label_smoothing_targets` (LSR), :func:`virtual_teacher` (the hand-made
   teacher $p^d$) and :func:`tempered_virtual_teacher` (what the official code feeds the KL);
 * the losses: :func:`tfkd_reg_loss` (Tf-KD$_\mathrm{reg}$ as the official code computes it,
-  with a batch-mean KL) and its objective :class:`TfKDRegularization`;
+  with a batch-mean KL) and its objective :class:`TfKDRegularization` (terms ``ce``, ``reg``);
 * the analysis: :func:`kl_to_uniform`, :func:`official_kl_weight` and
   :func:`tfkd_reg_as_lsr`, which rewrites Tf-KD$_\mathrm{reg}$ as label smoothing;
-* the training recipes: :func:`train_model` (any objective) and :func:`tfkd_self`
-  (train, freeze a copy, distil into a fresh network);
-* the figures (:func:`plot_distributions`, :func:`plot_tfkd_targets`) and the exercises'
-  self-checks.
+* the training recipes: :func:`train_model` (any objective; it is
+  :func:`minidistill.train.train_model`, re-exported) and :func:`tfkd_self` (train, freeze a
+  copy, distil into a fresh network).
+
+The figures (:func:`plot_distributions`, :func:`plot_tfkd_targets`) live in
+:mod:`minidistill.methods.tfkd_plots` and the exercises' self-checks in
+:mod:`minidistill.exercises.tfkd`; both are re-exported here. The chapter's "normal" teacher is
+:func:`minidistill.fast_teacher.fast_teacher`, the same cached teacher as chapter 1's.
 
 Notation as in the chapter: $K$ classes, one-hot label $q$, uniform $u_k = 1/K$, student
 logits $z$ and $p = \mathrm{softmax}(z)$, $H(a, b) = -\sum_k a_k \log b_k$.
@@ -23,18 +27,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..losses import _upcast, check_temperature
-from ..models import create_model
-from ..runtime import attempted, seed_everything
-from ..train import History, Recipe, fit
+from ..exercises.tfkd import check_tau_effect, check_virtual_teacher
+from ..losses import Distillation, Objective, check_temperature, upcast
+from ..train import History, Recipe, train_model
+from .tfkd_plots import plot_distributions, plot_tfkd_targets
 
 __all__ = [
     "OFFICIAL_CONFIGS",
@@ -49,8 +52,10 @@ __all__ = [
     "train_model",
     "SelfTrained",
     "tfkd_self",
+    # figures, from tfkd_plots
     "plot_distributions",
     "plot_tfkd_targets",
+    # exercise self-checks, from exercises.tfkd
     "check_virtual_teacher",
     "check_tau_effect",
 ]
@@ -171,13 +176,14 @@ def tempered_virtual_teacher(targets: torch.Tensor, num_classes: int, correct_pr
 
 
 def _tfkd_reg(z: torch.Tensor, targets: torch.Tensor, correct_prob: float, temperature: float,
-              alpha: float, kl_weight: float, form: str) -> torch.Tensor:
-    # the loss without input checks (the training step's hot path; tfkd_reg_loss checks)
-    z = _upcast(z)
+              form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # the two terms, cross-entropy and batch-mean KL, without input checks (the training
+    # step's hot path; tfkd_reg_loss checks, then weighs them)
+    z = upcast(z)
     target = torch.softmax(_virtual_teacher(targets, z.shape[1], correct_prob, z.dtype) / temperature, dim=-1)
     log_p = F.log_softmax(z / temperature if form == "paper" else z, dim=-1)
     kl = F.kl_div(log_p, target, reduction="batchmean")
-    return (1.0 - alpha) * F.cross_entropy(z, targets) + kl_weight * kl
+    return F.cross_entropy(z, targets), kl
 
 
 # -- analysis --------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ def kl_to_uniform(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     check_temperature(temperature)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, K], got {getattr(logits, 'shape', type(logits))}")
-    log_p = F.log_softmax(_upcast(logits) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(logits) / temperature, dim=-1)
     return math.log(logits.shape[-1]) + (log_p.exp() * log_p).sum(-1)
 
 
@@ -237,7 +243,8 @@ def tfkd_reg_loss(
     _check_logits(student_logits)
     _check_targets(targets, student_logits.shape[1], len(student_logits))
     _check_hyper(correct_prob, temperature, alpha, kl_weight, form)
-    return _tfkd_reg(student_logits, targets, correct_prob, temperature, alpha, kl_weight, form)
+    ce, kl = _tfkd_reg(student_logits, targets, correct_prob, temperature, form)
+    return (1.0 - alpha) * ce + kl_weight * kl
 
 
 def tfkd_reg_as_lsr(num_classes: int, correct_prob: float = 0.99, temperature: float = 20.0,
@@ -268,9 +275,11 @@ def tfkd_reg_as_lsr(num_classes: int, correct_prob: float = 0.99, temperature: f
 
 # -- objectives and training recipes ----------------------------------------------------------
 
-class TfKDRegularization(nn.Module):
+class TfKDRegularization(Objective):
     """The Tf-KD$_\\mathrm{reg}$ objective for :func:`~minidistill.train.fit`: no teacher
-    network, only :func:`tfkd_reg_loss` on the student's logits."""
+    network, only :func:`tfkd_reg_loss` on the student's logits. Logs the unweighted terms
+    ``ce`` (cross-entropy to the labels) and ``reg`` (the batch-mean KL to the tempered
+    virtual teacher): the loss is ``(1 - alpha) * ce + kl_weight * reg``."""
 
     def __init__(self, correct_prob: float = 0.99, temperature: float = 20.0, alpha: float = 0.1,
                  kl_weight: float = 0.1, form: str = "code") -> None:
@@ -279,26 +288,16 @@ class TfKDRegularization(nn.Module):
         self.correct_prob, self.temperature, self.alpha = correct_prob, temperature, alpha
         self.kl_weight, self.form = kl_weight, form
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, model: nn.Module, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
-        loss = _tfkd_reg(logits, y, self.correct_prob, self.temperature, self.alpha, self.kl_weight, self.form)
-        return loss, logits
+        ce, kl = _tfkd_reg(logits, y, self.correct_prob, self.temperature, self.form)
+        loss = (1.0 - self.alpha) * ce + self.kl_weight * kl
+        return loss, logits, {"ce": ce.detach(), "reg": kl.detach()}
 
     def extra_repr(self) -> str:
         return (f"correct_prob={self.correct_prob}, temperature={self.temperature}, alpha={self.alpha}, "
                 f"kl_weight={self.kl_weight}, form={self.form!r}")
-
-
-def train_model(name: str, data: Dataset, recipe: Recipe, objective: nn.Module | None = None, *,
-                seed: int = 0, description: str | None = None, **fit_kwargs) -> tuple[nn.Module, History]:
-    """A fresh ``name`` initialised from ``seed`` and trained with ``objective`` (default:
-    cross-entropy). Same seed, same initial weights and data order, whatever the objective,
-    so runs that share a seed differ only in their loss."""
-    seed_everything(seed)
-    model = create_model(name, data.num_classes)
-    history = fit(model, data, objective, recipe, seed=seed,
-                  description=description or f"{name} (seed {seed})", **fit_kwargs)
-    return model, history
 
 
 @dataclass
@@ -313,7 +312,7 @@ class SelfTrained:
 
 
 def tfkd_self(name: str, data: Dataset, recipe: Recipe, *, seed: int = 0, teacher: nn.Module | None = None,
-              temperature: float = 4.0, alpha: float = 0.9, **fit_kwargs) -> SelfTrained:
+              temperature: float = 4.0, alpha: float = 0.9, **fit_kwargs: Any) -> SelfTrained:
     r"""Tf-KD$_\mathrm{self}$: the network is its own teacher.
 
     1. Train ``name`` normally (skipped when a trained ``teacher`` of the same architecture is
@@ -322,9 +321,9 @@ def tfkd_self(name: str, data: Dataset, recipe: Recipe, *, seed: int = 0, teache
     3. distil it into a fresh ``name`` from ``seed`` with
        $(1-\alpha)\,H(q, p) + \alpha\,\tau^2\,\mathrm{KL}(p^t_\tau \,\|\, p_\tau)$
        (:class:`~minidistill.losses.Distillation`).
-    """
-    from ..losses import Distillation
 
+    Both runs are :func:`train_model`; other keyword arguments go to ``fit``.
+    """
     teacher_history = None
     if teacher is None:
         teacher, teacher_history = train_model(name, data, recipe, seed=seed,
@@ -333,129 +332,3 @@ def tfkd_self(name: str, data: Dataset, recipe: Recipe, *, seed: int = 0, teache
     student, history = train_model(name, data, recipe, Distillation(frozen, temperature, alpha), seed=seed,
                                    description=f"{name} (Tf-KD self, seed {seed})", **fit_kwargs)
     return SelfTrained(frozen, student, history, teacher_history)
-
-
-# -- figures ---------------------------------------------------------------------------------
-
-def plot_distributions(dists: Mapping[str, torch.Tensor], class_names: Sequence[str] | None = None,
-                       title: str = "Target distributions", log: bool = False, annotate: bool = False, ax=None):
-    """Grouped bars: one group per class, one bar per named distribution (each a ``[K]`` vector)."""
-    if not dists:
-        raise ValueError("dists is empty: give at least one {label: probabilities} entry")
-    rows = {k: torch.as_tensor(v, dtype=torch.float64).flatten() for k, v in dists.items()}
-    sizes = {len(v) for v in rows.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"all distributions must have the same length, got lengths {sorted(sizes)}")
-    k = sizes.pop()
-    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    if len(names) != k:
-        raise ValueError(f"class_names has {len(names)} names for {k} classes")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(5.5, 0.75 * k), 3.4))
-    width = 0.8 / len(rows)
-    for i, (label, p) in enumerate(rows.items()):
-        xs = torch.arange(k, dtype=torch.float64) + (i - (len(rows) - 1) / 2) * width
-        bars = ax.bar(xs.numpy(), p.numpy(), width, label=label, color=f"C{i}")
-        if annotate:
-            ax.bar_label(bars, labels=[f"{v:.3g}" for v in p.tolist()], fontsize=7, padding=1)
-    ax.set_xticks(range(k), names, rotation=0 if k <= 4 else 30, ha="center" if k <= 4 else "right")
-    ax.set_xlabel("class")
-    ax.set_ylabel("probability" + (" (log scale)" if log else ""))
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(min(v[v > 0].min().item() for v in rows.values()) / 3, 3)
-    else:
-        ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temperature: float = 20.0,
-                      alpha: float = 0.1, kl_weight: float = 0.1, epsilon: float = 0.1, ax=None):
-    r"""The targets of Tf-KD$_\mathrm{reg}$ next to label smoothing's, for the correct class and
-    for any one of the other $K-1$ classes (they are all equal), on a log scale:
-
-    the virtual teacher $p^d$, the tempered $\mathrm{softmax}(p^d/\tau)$ the official code
-    distils from, Tf-KD$_\mathrm{reg}$'s effective target $q_\mathrm{eff}$ (:func:`tfkd_reg_as_lsr`),
-    the label-smoothing target with ``epsilon``, and the uniform distribution.
-    """
-    y = torch.zeros(1, dtype=torch.int64)
-    pd = virtual_teacher(y, num_classes, correct_prob)[0]
-    pt = tempered_virtual_teacher(y, num_classes, correct_prob, temperature)[0]
-    eff = tfkd_reg_as_lsr(num_classes, correct_prob, temperature, alpha, kl_weight)
-    ls = label_smoothing_targets(y, num_classes, epsilon)[0]
-    u = 1.0 / num_classes
-    two = lambda v: torch.tensor([v[0], v[1]], dtype=torch.float64)  # noqa: E731 -- correct, other
-    dists = {
-        f"virtual teacher $p^d$ (a = {correct_prob:g})": two(pd),
-        f"softmax($p^d/\\tau$), τ = {temperature:g}": two(pt),
-        f"Tf-KD reg effective target (α = {alpha:g}, w = {kl_weight:g})":
-            torch.tensor([eff["target_correct"], eff["target_other"]], dtype=torch.float64),
-        f"label smoothing, ε = {epsilon:g}": two(ls),
-        "uniform 1/K": torch.tensor([u, u], dtype=torch.float64),
-    }
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(6.4, 4.3))
-    fig = plot_distributions(dists, ["correct class", f"each of the other {num_classes - 1}"],
-                             title=f"Targets for one example, K = {num_classes}", log=True, annotate=True, ax=ax)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
-    fig.tight_layout()
-    return fig
-
-
-# -- self-checks for the exercises ----------------------------------------------------------
-# Each check prints a line with a tick when the answer is right, says "not attempted yet"
-# while the exercise still raises NotImplementedError (or is left as ...), and raises an
-# AssertionError with a hint that names the classic mistake when it is wrong.
-
-
-def check_virtual_teacher(fn: Callable[[torch.Tensor, int, float], torch.Tensor]) -> None:
-    """Exercise 1: your ``fn(targets, num_classes, correct_prob)`` must equal :func:`virtual_teacher`."""
-    if not attempted(fn, torch.tensor([0]), 3, 0.9):
-        return
-    g = torch.Generator().manual_seed(0)
-    for k, a in ((3, 0.9), (10, 0.99), (100, 0.5), (7, 1.0)):
-        y = torch.randint(0, k, (6,), generator=g)
-        got, want = fn(y, k, a), virtual_teacher(y, k, a)
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
-            raise AssertionError(f"expected a tensor of shape {tuple(want.shape)} (one row per label), got "
-                                 f"{type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
-        got = got.double()
-        if torch.allclose(got, label_smoothing_targets(y, k, 1 - a).double(), atol=1e-6) and a < 1:
-            raise AssertionError("that is label smoothing's target (1-ε)q + ε/K, which gives the correct class "
-                                 "a + (1-a)/K: the virtual teacher gives it exactly a and shares 1-a among the "
-                                 "K-1 *other* classes")
-        if not torch.allclose(got.sum(-1), torch.ones(len(y), dtype=torch.float64), atol=1e-6):
-            raise AssertionError("rows do not sum to one: the other classes get (1-a)/(K-1) each, not (1-a)/K")
-        if not torch.allclose(got, want.double(), atol=1e-6):
-            raise AssertionError(f"values differ for K={k}, a={a}: put a at each row's own label "
-                                 "(scatter along dim 1), not at a fixed column")
-    print("✓ virtual teacher: correct")
-
-
-def check_tau_effect(answer) -> None:
-    """Exercise 2: predict the correct-class probability of the official target
-    ``softmax(p^d / tau)`` for a = 0.99 and K = 100, at tau = 1 and at tau = 20, as a pair."""
-    if answer is None or answer is ...:
-        print("… not attempted yet: replace the ... with your two numbers")
-        return
-    if not (isinstance(answer, (tuple, list)) and len(answer) == 2 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)):
-        raise AssertionError("answer with a pair of numbers: (probability at tau = 1, probability at tau = 20)")
-    y = torch.zeros(1, dtype=torch.int64)
-    want = [tempered_virtual_teacher(y, 100, 0.99, t)[0, 0].item() for t in (1.0, 20.0)]
-    p1, p20 = (float(v) for v in answer)
-    if p1 > 0.5:
-        raise AssertionError("not quite: tau = 1 leaves *logits* unchanged, but the code feeds probabilities to "
-                             "the softmax as if they were logits. Logits 0.99 and 0.0001 differ by less than 1, "
-                             "so exp() makes them almost equal")
-    if p20 > p1 + 1e-9:
-        raise AssertionError("check the direction: a larger tau divides the differences by more, so the target "
-                             "moves *towards* uniform (1/K = 0.01) as tau grows")
-    if abs(p1 - want[0]) > 0.03 * want[0] or abs(p20 - want[1]) > 0.03 * want[1]:
-        raise AssertionError("close in spirit, not in value: compute e^{0.99/τ} / (e^{0.99/τ} + 99·e^{0.0001/τ}) "
-                             "for τ = 1 and τ = 20")
-    print(f"✓ tau effect: correct -- {want[0]:.4f} at tau = 1 and {want[1]:.4f} at tau = 20, "
-          "both within a few percent of uniform (0.01)")

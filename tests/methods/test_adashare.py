@@ -1,5 +1,6 @@
-"""Chapter 4 (Gumbel-softmax and AdaShare): the sampler, the gradient estimators, the
-select-or-skip network, the regularisers, the training phases, the figures and the self-checks."""
+"""Chapter 4, second half (AdaShare): the select-or-skip network, the regularisers, the objective,
+the training phases on train.fit, the evaluation, the figures and the exercises' self-checks.
+The sampler and the gradient estimators are tested in test_gumbel.py."""
 from __future__ import annotations
 
 import math
@@ -8,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minidistill import train
 from minidistill.data import make_shapes
+from minidistill.losses import Objective
 from minidistill.methods import adashare as A
-from minidistill.train import Recipe
+from minidistill.train import Recipe, Run
 
 TINY_NET = dict(widths=(4, 4, 8, 8), blocks_per_stage=1)  # 3 blocks: fast enough for the tests
 
@@ -24,158 +27,6 @@ def micro():
 def _logits_from(alpha: torch.Tensor) -> torch.Tensor:
     """Policy logits [tasks, blocks, 2] whose select probabilities are ``alpha``."""
     return torch.stack([alpha.log(), (1 - alpha).log()], -1)
-
-
-# -- the sampler ------------------------------------------------------------------------------
-
-def test_gumbel_noise_has_the_gumbel_mean_and_variance():
-    torch.manual_seed(0)
-    g = A.gumbel_noise((200_000,), dtype=torch.float64)
-    assert g.dtype == torch.float64 and torch.isfinite(g).all()
-    assert g.mean().item() == pytest.approx(0.5772156649, abs=0.01)      # Euler-Mascheroni
-    assert g.var().item() == pytest.approx(math.pi**2 / 6, abs=0.02)
-
-
-def test_gumbel_max_frequencies_pass_a_chi_square_test_and_a_wrong_sampler_fails():
-    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0], dtype=torch.float64)
-    torch.manual_seed(1)
-    z = A.gumbel_max(logits, 50_000)
-    assert z.shape == (50_000,) and z.dtype == torch.int64
-    counts = torch.bincount(z, minlength=5)
-    assert A.chi_square_test(counts, logits.softmax(-1))["p_value"] > 1e-3
-    wrong = (logits - torch.rand(50_000, 5, dtype=torch.float64).log()).argmax(-1)  # exponential noise
-    assert A.chi_square_test(torch.bincount(wrong, minlength=5), logits.softmax(-1))["p_value"] < 1e-6
-
-
-def test_gumbel_max_keeps_batch_dimensions_and_rejects_bad_counts():
-    assert A.gumbel_max(torch.zeros(2, 3, 4)).shape == (2, 3)
-    assert A.gumbel_max(torch.zeros(2, 4), num_samples=7).shape == (7, 2)
-    with pytest.raises(ValueError, match="num_samples"):
-        A.gumbel_max(torch.zeros(3), 0)
-
-
-def test_gumbel_softmax_rows_are_probability_vectors_of_the_input_dtype():
-    torch.manual_seed(0)
-    y = A.gumbel_softmax(torch.randn(6, 5, dtype=torch.float64), tau=0.7)
-    assert y.shape == (6, 5) and y.dtype == torch.float64
-    assert (y >= 0).all() and torch.allclose(y.sum(-1), torch.ones(6, dtype=torch.float64))
-
-
-def test_gumbel_softmax_agrees_in_distribution_with_torch():
-    logits = torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64).expand(100_000, 3)
-    torch.manual_seed(2)
-    ours = A.gumbel_softmax(logits, tau=0.7)
-    theirs = F.gumbel_softmax(logits, tau=0.7)
-    assert torch.allclose(ours.mean(0), theirs.mean(0), atol=0.006)
-    assert torch.allclose(ours.std(0), theirs.std(0), atol=0.006)
-    # and not with a sampler at another temperature: the comparison can tell them apart
-    other = F.gumbel_softmax(logits, tau=1.5)
-    assert (ours.std(0) - other.std(0)).abs().max() > 0.03
-
-
-def test_hard_samples_are_exactly_one_hot_and_carry_the_soft_gradient():
-    logits = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    w = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grads, values = [], []
-    for hard in (False, True):
-        z = logits.clone().requires_grad_(True)
-        torch.manual_seed(5)  # the same noise for both
-        y = A.gumbel_softmax(z, tau=0.5, hard=hard)
-        values.append(y.detach())
-        grads.append(torch.autograd.grad((w * y).sum(), z)[0])
-    soft, hard = values
-    assert set(hard.unique().tolist()) == {0.0, 1.0} and torch.equal(hard.sum(-1), torch.ones(8, dtype=torch.float64))
-    assert torch.equal(hard.argmax(-1), soft.argmax(-1))
-    assert torch.allclose(grads[0], grads[1]) and grads[1].abs().sum() > 0
-
-
-def test_temperature_limits_one_hot_and_uniform():
-    logits = torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(7)
-    cold = A.gumbel_softmax(logits, tau=1e-6)
-    torch.manual_seed(7)
-    z = A.gumbel_max(logits)
-    assert torch.equal(cold.argmax(-1), z) and cold.max(-1).values.min() > 0.999
-    assert (A.gumbel_softmax(logits, tau=1e5) - 0.2).abs().max() < 1e-3
-
-
-@pytest.mark.parametrize("tau", [0, -1.0, float("inf"), float("nan"), True, "1"])
-def test_gumbel_softmax_rejects_bad_temperatures(tau):
-    with pytest.raises(ValueError, match="tau"):
-        A.gumbel_softmax(torch.zeros(2, 3), tau=tau)
-
-
-def test_gumbel_softmax_rejects_bad_logits():
-    with pytest.raises(ValueError, match="floating-point"):
-        A.gumbel_softmax(torch.zeros(2, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="at least 2"):
-        A.gumbel_softmax(torch.zeros(4, 1))
-    with pytest.raises(ValueError, match="at least 2"):
-        A.gumbel_softmax(torch.tensor(1.0))
-
-
-# -- chi-square and gradient estimators -------------------------------------------------------
-
-def test_chi_square_matches_a_hand_computation():
-    r = A.chi_square_test(torch.tensor([10, 20, 30]), torch.full((3,), 1 / 3, dtype=torch.float64))
-    # expected 20 each: X^2 = (100 + 0 + 100) / 20 = 10; with 2 dof the survival function is exp(-x/2)
-    assert r["statistic"] == pytest.approx(10.0) and r["dof"] == 2
-    assert r["p_value"] == pytest.approx(math.exp(-5.0), rel=1e-9)
-
-
-def test_chi_square_rejects_bad_input():
-    with pytest.raises(ValueError, match="sum to one"):
-        A.chi_square_test(torch.tensor([1, 2]), torch.tensor([0.5, 0.6]))
-    with pytest.raises(ValueError, match="same length"):
-        A.chi_square_test(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match="non-negative"):
-        A.chi_square_test(torch.tensor([-1, 2]), torch.tensor([0.5, 0.5]))
-
-
-def _quadratic(y: torch.Tensor) -> torch.Tensor:
-    target = torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=y.dtype)
-    return ((y - target) ** 2).sum(-1)
-
-
-THETA = torch.tensor([0.3, -0.2, 0.8, 0.0], dtype=torch.float64)
-
-
-def test_exact_gradient_matches_autograd_of_the_expectation():
-    theta = THETA.clone().requires_grad_(True)
-    expectation = (theta.softmax(-1) * _quadratic(torch.eye(4, dtype=torch.float64))).sum()
-    (auto,) = torch.autograd.grad(expectation, theta)
-    assert torch.allclose(A.exact_gradient(THETA, _quadratic), auto, atol=1e-12)
-    with pytest.raises(ValueError, match="one vector"):
-        A.exact_gradient(THETA[None], _quadratic)
-
-
-def test_reinforce_is_unbiased_and_gumbel_softmax_is_biased_with_lower_variance():
-    exact = A.exact_gradient(THETA, _quadratic)
-    torch.manual_seed(0)
-    n = 40_000
-    stats = {e: A.gradient_statistics(A.gradient_samples(THETA, _quadratic, e, n, tau=1.0), exact)
-             for e in A.ESTIMATORS}
-    for e in ("reinforce", "reinforce_baseline"):
-        assert stats[e]["bias"] < 4 * math.sqrt(stats[e]["variance"] / n)
-    assert stats["gumbel_softmax"]["bias"] > 10 * math.sqrt(stats["gumbel_softmax"]["variance"] / n)
-    assert stats["gumbel_softmax"]["variance"] < stats["reinforce"]["variance"] / 3
-    assert stats["reinforce_baseline"]["variance"] < stats["reinforce"]["variance"]
-
-
-def test_gradient_samples_shape_and_bad_input():
-    torch.manual_seed(0)
-    assert A.gradient_samples(THETA, _quadratic, "straight_through", 10).shape == (10, 4)
-    with pytest.raises(ValueError, match="estimator"):
-        A.gradient_samples(THETA, _quadratic, "rebar", 10)
-    with pytest.raises(ValueError, match="num_samples"):
-        A.gradient_samples(THETA, _quadratic, "reinforce", 1)
-
-
-def test_gradient_statistics_by_hand():
-    s = A.gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2.0, 0.0]))
-    assert s == pytest.approx({"bias": 0.0, "variance": 2.0, "mse": 1.0})
-    with pytest.raises(ValueError, match=r"\[N, K\]"):
-        A.gradient_statistics(torch.zeros(3), torch.zeros(3))
 
 
 # -- policy, regularisers, curriculum ---------------------------------------------------------
@@ -327,6 +178,21 @@ def test_gumbel_gating_curriculum_and_gradient():
     assert torch.equal(net.gates()[:2, 2], torch.tensor([1.0, 0.0]))  # eval: the most likely policy
 
 
+def test_gates_follow_the_select_column_of_the_policy_logits():
+    """Column 0 of policy_logits is "select", column 1 "skip": a task whose logits favour select
+    runs the block (gate near 1), one whose logits favour skip passes it by (gate near 0), in
+    training (Gumbel-softmax samples) and in eval (the most likely choice). Reading the skip
+    column would swap the two."""
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET).use_gumbel(tau=0.5)
+    with torch.no_grad():
+        net.policy_logits.copy_(torch.tensor([[8.0, -8.0], [-8.0, 8.0], [8.0, -8.0]])[:, None].expand(3, 3, 2))
+    for mode in (True, False):
+        v = net.train(mode).gates()
+        assert (v[[0, 2]] > 0.99).all() and (v[1] < 0.01).all(), (mode, v)
+    assert torch.allclose(A.select_probabilities(net.policy_logits.detach())[1], torch.zeros(3), atol=1e-6)
+
+
 def test_stochastic_depth_gates():
     net = A.AdaShareNet(widths=(4, 4, 8, 8), blocks_per_stage=2).use_stochastic_depth(0.5)
     assert torch.allclose(net.survival(), torch.tensor([1 - l / 6 * 0.5 for l in range(1, 7)]))
@@ -414,9 +280,34 @@ def test_multitask_loss_is_the_weighted_sum_and_returns_class_logits(tiny):
     assert losses[0].item() == pytest.approx(F.cross_entropy(outs[0], y).item())
     assert losses[1].item() == pytest.approx(F.cross_entropy(outs[1], torch.arange(8) % 4).item())
     assert losses[2].item() == pytest.approx((outs[2] - A.edge_map(x, (4, 4))).abs().mean().item())
-    total, logits = A.MultiTaskLoss(weights=(1.0, 2.0, 0.5))(net, x, y)
+    objective = A.MultiTaskLoss(weights=(1.0, 2.0, 0.5))
+    assert isinstance(objective, Objective)
+    total, logits, terms = objective(net, x, y)
     assert total.item() == pytest.approx(losses[0].item() + 2 * losses[1].item() + 0.5 * losses[2].item(), rel=1e-6)
     assert torch.equal(logits, outs[0])
+    assert list(terms) == ["class_loss", "rotation_loss", "edges_loss"]  # no regularisers at weight 0
+    assert [terms[f"{t}_loss"].item() for t in A.TASKS] == pytest.approx([l.item() for l in losses])
+    assert not any(t.requires_grad for t in terms.values())
+
+
+def test_multitask_loss_adds_the_regularisers_over_the_curriculum_blocks(tiny):
+    torch.manual_seed(0)
+    net = A.AdaShareNet(**TINY_NET).use_gumbel(tau=1.0, num_learnable=2).eval()  # eval: fixed gates
+    with torch.no_grad():
+        net.policy_logits.copy_(torch.randn(3, 3, 2))
+    x, y = tiny.x_test[:8].float() / 255, tiny.y_test[:8]
+    plain, _, _ = A.MultiTaskLoss()(net, x, y)
+    for form in A.FORMS:
+        total, _, terms = A.MultiTaskLoss(sparsity_weight=0.3, sharing_weight=0.7, form=form)(net, x, y)
+        sp, sh = A.sparsity_loss(net.policy_logits, 2, form), A.sharing_loss(net.policy_logits, form)
+        assert terms["sparsity"].item() == pytest.approx(sp.item()) and terms["sharing"].item() == pytest.approx(sh.item())
+        assert total.item() == pytest.approx((plain + 0.3 * sp + 0.7 * sh).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="AdaShareNet"):
+        A.MultiTaskLoss(sharing_weight=0.1)(A.IndependentNets(**TINY_NET), x, y)
+    with pytest.raises(ValueError, match="sparsity_weight"):
+        A.MultiTaskLoss(sparsity_weight=-1.0)
+    with pytest.raises(ValueError, match="form"):
+        A.MultiTaskLoss(form="released")
 
 
 def test_multitask_loss_rejects_bad_configuration():
@@ -431,17 +322,52 @@ def test_multitask_loss_rejects_bad_configuration():
 
 # -- training phases and evaluation -----------------------------------------------------------
 
-def test_learn_policy_learns_only_the_curriculum_blocks(micro):
+def _spy_fit(monkeypatch, module, fail_at=None):
+    """Record, for every train.fit call made through ``module``, what it trains and how."""
+    calls, real_fit = [], train.fit
+
+    def spy(model, data, objective, recipe, **kw):
+        calls.append(dict(trainable={n for n, p in model.named_parameters() if p.requires_grad}, recipe=recipe,
+                          objective=objective, n_train=len(data.x_train), kw=kw, gating=getattr(model, "gating", None),
+                          state={k: v.clone() for k, v in model.state_dict().items()}))
+        if len(calls) == fail_at:
+            raise RuntimeError("stop")
+        return real_fit(model, data, objective, recipe, **kw)
+
+    monkeypatch.setattr(module, "fit", spy)
+    return calls
+
+
+def test_learn_policy_alternates_fit_passes_and_learns_only_the_curriculum_blocks(micro, monkeypatch):
+    calls = _spy_fit(monkeypatch, A)
     torch.manual_seed(0)
     net = A.AdaShareNet(**TINY_NET)
-    h = A.learn_policy(net, micro, A.MultiTaskLoss(), rounds=2, batch_size=32, curriculum_speed=5, policy_lr=0.05)
+    h = A.learn_policy(net, micro, A.MultiTaskLoss(), rounds=2, batch_size=32, curriculum_speed=5, policy_lr=0.05,
+                       form="code")
+    weights = {n for n, _ in net.named_parameters()} - {"policy_logits"}
+    assert [c["trainable"] for c in calls] == [weights, {"policy_logits"}] * 2  # weights, then policy, each round
+    assert [(c["recipe"].optimizer, c["recipe"].epochs, c["n_train"]) for c in calls] == [("sgd", 1, 64), ("adam", 1, 64)] * 2
+    assert [c["objective"].sparsity_weight for c in calls] == [0.0, 0.05] * 2 and calls[1]["objective"].form == "code"
+    assert all(c["kw"]["eval_splits"] == () for c in calls)
     assert [r["num_learnable"] for r in h.records] == [1, 1]
     assert h.records[1]["tau"] == pytest.approx(5.0 * 0.965)
+    for column in ("train_loss", "train_class_loss", "train_edges_loss", "train_sparsity", "train_sharing",
+                   "weights_train_loss", "weights_train_rotation_loss", "seconds"):
+        assert all(math.isfinite(v) for v in h[column]), column
+    assert "weights_train_sparsity" not in h.records[0]  # the weight pass has no regularisers
     assert len(h.meta["probabilities"]) == 2
     alpha = h.meta["probabilities"][-1]
     assert torch.equal(alpha[:, :2], torch.full((3, 2), 0.5))  # outside the curriculum: untouched
     assert (alpha[:, 2] - 0.5).abs().min() > 1e-3
     assert net.gating == "gumbel" and net.num_learnable == 3 and not net.training
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_learn_policy_unfreezes_everything_when_a_pass_fails(micro, monkeypatch):
+    _spy_fit(monkeypatch, A, fail_at=2)  # the first policy pass raises, weights still frozen
+    net = A.AdaShareNet(**TINY_NET)
+    with pytest.raises(RuntimeError, match="stop"):
+        A.learn_policy(net, micro, A.MultiTaskLoss(), rounds=1, batch_size=32, form="paper")
     assert all(p.requires_grad for p in net.parameters())
 
 
@@ -460,18 +386,13 @@ def test_learn_policy_rejects_bad_arguments(micro):
 
 
 def test_train_adashare_retrains_the_sampled_policy_from_the_initial_weights(micro, monkeypatch):
-    seen = []
-    real_fit = A.fit
-
-    def spy(model, data, objective, recipe, **kw):
-        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, model.gating, recipe.epochs))
-        return real_fit(model, data, objective, recipe, **kw)
-
-    monkeypatch.setattr(A, "fit", spy)
+    seen = _spy_fit(monkeypatch, train)  # train_model's fit calls: the warm-up and the re-training
     run = A.train_adashare(micro, Recipe(epochs=1, batch_size=32, lr=0.05), warmup_epochs=1, rounds=1,
-                           seed=3, model_kwargs=TINY_NET, policy_kwargs={"curriculum_speed": 1})
-    (w_warm, gating_warm, _), (w_re, gating_re, epochs_re) = seen
-    assert gating_warm == "all" and gating_re == "policy" and epochs_re == 1
+                           seed=3, model_kwargs=TINY_NET, policy_kwargs={"curriculum_speed": 1, "form": "paper"})
+    warm_call, re_call = seen
+    (w_warm, gating_warm), (w_re, gating_re) = [(c["state"], c["gating"]) for c in seen]
+    assert gating_warm == "all" and gating_re == "policy" and re_call["recipe"].epochs == 1
+    assert warm_call["kw"]["eval_every"] is None and "eval_every" not in re_call["kw"]  # the warm-up is scored once
     assert all(torch.equal(w_warm[k], w_re[k]) for k in w_warm if k not in ("policy",))
     resampled = A.sample_policy(_logits_from(run.probabilities.double()), torch.Generator().manual_seed(3))
     assert torch.equal(run.policy, resampled)
@@ -483,9 +404,11 @@ def test_train_adashare_retrains_the_sampled_policy_from_the_initial_weights(mic
 
 @pytest.mark.parametrize("kind", A.BASELINES)
 def test_train_baseline_kinds(micro, kind):
-    model, hist = A.train_baseline(kind, micro, Recipe(epochs=1, batch_size=64, lr=0.05), seed=1,
-                                   model_kwargs=TINY_NET)
+    run = A.train_baseline(kind, micro, Recipe(epochs=1, batch_size=64, lr=0.05), seed=1, model_kwargs=TINY_NET)
+    assert isinstance(run, Run)
+    model, hist = run
     assert len(hist) == 1 and 0 <= hist.final("test_acc") <= 100
+    assert all(math.isfinite(hist.final(f"train_{t}_loss")) for t in A.TASKS)
     expected = {"independent": None, "hard_sharing": "all", "random": "policy", "stochastic_depth": "stochastic_depth"}
     assert getattr(model, "gating", None) == expected[kind]
     if kind == "independent":
@@ -533,6 +456,7 @@ def test_results_markdown_by_hand():
     assert lines[0].startswith("| method | parameters | class acc. (%) ↑ | edge MAE ↓ | Δ vs independent (%) ↑ |")
     # seed 0: (+5 % - 20 %)/2 = -7.5 %; seed 1: (0 % + 20 %)/2 = +10 %
     assert "| shared | 1,000 | 83.00 ± 1.41 (n=2) | 0.100 ± 0.028 (n=2) | 1.25 ± 12.37 (n=2) |" in lines
+    assert len(lines) == 4 and lines[1].count("|") == lines[0].count("|")
     assert "| independent | 2,000 |" in lines[2] and "0.00 ± 0.00 (n=2)" in lines[2]
     assert A.relative_gain(scores)["shared"] == pytest.approx([-7.5, 10.0])
     with pytest.raises(ValueError, match="reference"):

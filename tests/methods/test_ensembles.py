@@ -1,7 +1,9 @@
 """Chapter 5 (learning from ensembles): BatchEnsemble layers, the vmapped Deep Ensemble, ODS,
-one-to-one distillation, the Jacobian view, evaluation helpers, figures and self-checks."""
+one-to-one distillation, the Jacobian view, evaluation helpers, figures and self-checks (the
+last three in their own modules, re-exported by ``methods.ensembles``)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -11,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidistill import metrics
+from minidistill import metrics, train
 from minidistill.data import DeviceLoader, make_shapes
-from minidistill.losses import kd_loss
+from minidistill.exercises import ensembles as exercises
+from minidistill.losses import Objective, TeacherObjective, kd_loss
+from minidistill.methods import batchensemble, ensembles_eval, ensembles_jacobian, ensembles_plots
 from minidistill.methods import ensembles as E
 from minidistill.models import create_model
 from minidistill.runtime import seed_everything
@@ -35,6 +39,14 @@ def small():
 def test_all_names_exist():
     for name in E.__all__:
         assert hasattr(E, name), name
+
+
+def test_moved_names_are_re_exported_from_the_method_module():
+    """Notebooks and assignments call every chapter name as ``ensembles.<name>``: the figures,
+    self-checks, BatchEnsemble layers and evaluation helpers are the very objects of their rooms."""
+    for room in (batchensemble, ensembles_eval, ensembles_jacobian, ensembles_plots, exercises):
+        for name in room.__all__:
+            assert name in E.__all__ and getattr(E, name) is getattr(room, name), (room.__name__, name)
 
 
 # --- BatchEnsemble layers -----------------------------------------------------------------------
@@ -215,6 +227,8 @@ def test_training_the_vmapped_ensemble_equals_training_members_alone(small):
     de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
     hist = fit(de, small, E.EnsembleCrossEntropy(), recipe, seed=0)
     assert 0 <= hist.final("test_acc") <= 100
+    rec = hist.records[0]  # the terms: the members' mean CE (the loss is their sum) and mean accuracy
+    assert rec["train_loss"] == pytest.approx(2 * rec["train_ce"], rel=1e-5) and 0 <= rec["train_member_acc"] <= 100
     for j in range(2):
         seed_everything(j)
         alone = E.create_member(8, 4, 10)
@@ -227,10 +241,18 @@ def test_training_the_vmapped_ensemble_equals_training_members_alone(small):
 def test_ensemble_cross_entropy_is_the_sum_of_member_losses():
     de = E.DeepEnsemble(_members()).eval()
     x, y = torch.randn(4, 3, 12, 12, generator=gen(8)), torch.tensor([0, 3, 5, 9])
-    loss, logits = E.EnsembleCrossEntropy()(de, x, y)
+    objective = E.EnsembleCrossEntropy()
+    assert isinstance(objective, Objective)
+    loss, logits, terms = objective(de, x, y)
     z = de.member_logits(x)
     assert torch.allclose(loss, sum(F.cross_entropy(z[j], y) for j in range(3)), atol=1e-5)
     assert torch.allclose(logits, E.ensemble_log_probs(z))
+    assert set(terms) == {"ce", "member_acc"} and not any(t.requires_grad for t in terms.values())
+    assert torch.allclose(terms["ce"], loss / 3)
+    member_acc = sum((z[j].argmax(-1) == y).float().mean() for j in range(3)) / 3 * 100
+    assert torch.allclose(terms["member_acc"], member_acc)
+    with pytest.raises(TypeError, match="member_logits"):
+        objective(E.create_member(8, 4, 10), x, y)
 
 
 def test_ensemble_log_probs_is_the_log_of_mean_probabilities():
@@ -240,11 +262,16 @@ def test_ensemble_log_probs_is_the_log_of_mean_probabilities():
         E.ensemble_log_probs(z[0])
 
 
-def test_pretrained_ensemble_caches_and_refuses_stale_files(small, data_dir):
+def test_pretrained_ensemble_caches_and_refuses_stale_files(small, data_dir, monkeypatch):
     tiny = E.subset(small, 128)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
+    calls = []
+    monkeypatch.setattr(E, "fit", lambda *a, **kw: calls.append(kw) or fit(*a, **kw))
     first = E.pretrained_ensemble(tiny, 8, 4, 2, recipe=recipe, profile="smoke")
     assert not first.cached and first.path.exists() and first.path.parent == data_dir / "checkpoints"
+    # nobody plots the cached teacher's curves: its splits are scored after the last epoch only
+    assert calls[0]["eval_every"] is None and isinstance(calls[0]["checkpoint"], type(first.path))
+    assert "train_ce" in first.history.records[0]
     second = E.pretrained_ensemble(tiny, 8, 4, 2, recipe=recipe, profile="smoke")
     assert second.cached
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
@@ -388,16 +415,21 @@ def test_one_to_one_kd_loss_by_hand():
     de, student = _teacher_and_student()
     x, y = torch.randn(3, 3, 12, 12, generator=gen(20)), torch.tensor([1, 2, 3])
     obj = E.OneToOneDistillation(de, temperature=4.0, alpha=0.9)
+    assert isinstance(obj, TeacherObjective)
     student.eval()
-    loss, logits = obj(student, x, y)
+    loss, logits, terms = obj(student, x, y)
     t, s = de.member_logits(x), student.member_logits(x)
     ce = sum(F.cross_entropy(s[j], y) for j in range(2)) / 2
     kl = sum(kd_loss(s[j], t[j], 4.0) for j in range(2)) / 2  # member j against teacher j only
     assert torch.allclose(loss, 0.1 * ce + 0.9 * kl, atol=1e-5)
+    assert set(terms) == {"ce", "kd"} and torch.allclose(terms["ce"], ce, atol=1e-5)
+    assert torch.allclose(terms["kd"], kl, atol=1e-5) and not terms["kd"].requires_grad
     crossed = sum(kd_loss(s[j], t[1 - j], 4.0) for j in range(2)) / 2
     assert not torch.allclose(loss, 0.1 * ce + 0.9 * crossed, atol=1e-5)
     assert torch.allclose(logits, E.ensemble_log_probs(s))
-    assert obj.teacher.training is False
+    assert torch.equal(obj.teacher_forward(x), t) and not obj.teacher_forward(x).requires_grad
+    obj.train()  # the base class keeps the teacher frozen
+    assert obj.teacher.training is False and not any(p.requires_grad for p in obj.teacher.parameters())
 
 
 def test_perturbed_kd_uses_clean_inputs_for_ce_and_perturbed_for_kd(tiny, monkeypatch):
@@ -407,10 +439,11 @@ def test_perturbed_kd_uses_clean_inputs_for_ce_and_perturbed_for_kd(tiny, monkey
     x, y = torch.randn(3, 3, 16, 16, generator=gen(21)), torch.tensor([0, 1, 2])
     shifted = x + 0.3
     monkeypatch.setattr(obj, "perturb", lambda v: shifted)
-    loss, _ = obj(student, x, y)
+    loss, _, terms = obj(student, x, y)
     s, s_kd, t = student.member_logits(x), student.member_logits(shifted), de.member_logits(shifted)
-    want = 0.5 * F.cross_entropy(s.flatten(0, 1), y.repeat(2)) + 0.5 * kd_loss(s_kd.flatten(0, 1), t.flatten(0, 1), 2.0)
-    assert torch.allclose(loss, want, atol=1e-5)
+    ce, kd = F.cross_entropy(s.flatten(0, 1), y.repeat(2)), kd_loss(s_kd.flatten(0, 1), t.flatten(0, 1), 2.0)
+    assert torch.allclose(loss, 0.5 * ce + 0.5 * kd, atol=1e-5)
+    assert torch.allclose(terms["ce"], ce, atol=1e-5) and torch.allclose(terms["kd"], kd, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["gaussian", "ods", "confods"])
@@ -428,6 +461,63 @@ def test_perturb_works_in_unit_range_and_moves_pixels_by_about_eta(tiny, method)
     assert (rms <= 4.0 + 1e-3).all() and (rms > floor).all()
 
 
+def _confident_teacher(m: int = 2) -> E.DeepEnsemble:
+    """A Deep Ensemble whose logits are large (classifier weights x 30): there the tempered softmax
+    is far from its linear regime, so the ODS direction depends on the temperature."""
+    members = []
+    for j in range(m):
+        seed_everything(j)
+        member = E.create_member(8, 4, 10)
+        member.fc.weight.data.mul_(30.0)
+        members.append(member)
+    return E.DeepEnsemble(members).eval()
+
+
+@pytest.mark.parametrize("method", ["ods", "confods"])
+def test_objective_ods_step_is_taken_at_the_kd_temperature(tiny, method):
+    """The perturbation of OneToOneDistillation is the ODS step of teacher member j at the KD
+    temperature tau, computed here independently (torch.func.vjp of softmax(T_j(x)/tau), per-sample
+    norm, sqrt(D) step, ConfODS's confidence at tau), and not the step at temperature 1."""
+    de, tau, eta = _confident_teacher(), 4.0, 2 / 255
+    obj = E.OneToOneDistillation(de, tau, 0.9, method, eta=eta, mean=tiny.mean, std=tiny.std)
+    x, _ = next(iter(DeviceLoader.from_dataset(tiny, "test", 6, train=False, channels_last=False)))
+    u = E.to_unit_range(x, tiny.mean, tiny.std).clamp(0, 1)
+    w = torch.rand(6, 10, generator=gen(50)) * 2 - 1
+    got = obj.perturb_unit(u, member=1, w=w)
+
+    def step_at(temperature: float) -> torch.Tensor:
+        probs_fn = lambda v: torch.softmax(de.member_forward(1, E.from_unit_range(v, tiny.mean, tiny.std)) / temperature, -1)  # noqa: E731
+        probs, vjp = torch.func.vjp(probs_fn, u)
+        (g,) = vjp(w)
+        scale = eta * math.sqrt(u[0].numel()) / g.flatten(1).norm(dim=1)
+        if method == "confods":
+            scale = scale * probs.max(-1).values
+        return (u + scale.view(-1, 1, 1, 1) * g).clamp(0, 1)
+
+    want, at_one = step_at(tau), step_at(1.0)
+    assert (want - at_one).abs().max() > 1e-3  # the temperature matters here: the checks below tell them apart
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, at_one, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kd", "ods"])
+def test_objective_runs_a_teacher_cast_to_bfloat16_under_autocast(tiny, method):
+    """On a GPU, TeacherObjective.setup casts the teacher once to the autocast dtype; autocast may
+    skip ops inside vmap (conv2d on the CPU), so the ensemble feeds its members inputs of their own
+    dtype (simulated on the CPU: a bfloat16 copy of the teacher, float32 loader images)."""
+    de, student = _teacher_and_student()
+    obj = E.OneToOneDistillation(de, 4.0, 0.9, method, mean=tiny.mean, std=tiny.std)
+    cast = copy.deepcopy(de).to(dtype=torch.bfloat16).eval()
+    obj._fast = [cast, cast]  # what setup() builds on a GPU with bfloat16 autocast
+    x, y = next(iter(DeviceLoader.from_dataset(tiny, "train", 8, channels_last=False)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits, terms = obj(student, x, y)
+        assert obj.teacher_forward(x).dtype == torch.bfloat16
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and logits.shape == (8, 10)
+    assert student.fc.r.grad is not None and de.fc__weight.grad is None and cast.fc__weight.grad is None
+
+
 def test_one_to_one_rejects_bad_configuration(tiny):
     de, student = _teacher_and_student(2)
     with pytest.raises(ValueError, match="mean and std"):
@@ -443,25 +533,28 @@ def test_one_to_one_rejects_bad_configuration(tiny):
 
 
 def test_train_student_same_start_for_every_method(small, monkeypatch):
+    """train_student goes through train.train_model (so through train.fit), seeded the same way for every method."""
     de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
     seen = []
-    real_fit = E.fit
+    real_fit = train.fit
 
     def spy(model, data, objective, recipe, **kw):
-        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective,
-                     kw.get("eval_splits", ("val", "test"))))
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective, kw))
         return real_fit(model, data, objective, recipe, **kw)
 
-    monkeypatch.setattr(E, "fit", spy)
+    monkeypatch.setattr(train, "fit", spy)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
     tiny = E.subset(small, 128)
     with_val = dataclasses.replace(tiny, x_val=tiny.x_test[:16], y_val=tiny.y_test[:16])
     for method in ("kd", "ods"):
-        student, hist = E.train_student(de, with_val, recipe, method, depth=8, width=4, seed=5)
+        student, hist = E.train_student(de, with_val, recipe, method, depth=8, width=4, seed=5, eval_every=None)
         assert isinstance(student, E.BatchEnsembleResNet) and not student.training and len(hist) == 1
-        assert "val_acc" not in hist.records[0]
-    (w_kd, o_kd, scored), (w_ods, o_ods, _) = seen
-    assert all(torch.equal(w_kd[k], w_ods[k]) for k in w_kd) and "val" not in scored
+        rec = hist.records[0]
+        assert "val_acc" not in rec and math.isfinite(rec["test_acc"])
+        assert rec["train_loss"] == pytest.approx(0.1 * rec["train_ce"] + 0.9 * rec["train_kd"], rel=1e-5)
+    (w_kd, o_kd, kw), (w_ods, o_ods, _) = seen
+    assert all(torch.equal(w_kd[k], w_ods[k]) for k in w_kd)
+    assert tuple(kw["eval_splits"]) == ("test",) and kw["eval_every"] is None and kw["seed"] == 5
     assert o_kd.perturbation == "kd" and o_ods.perturbation == "ods"
     with pytest.raises(ValueError, match="method"):
         E.train_student(de, tiny, recipe, "mixup", depth=8, width=4)
@@ -551,6 +644,9 @@ def test_metrics_table_formats_mean_std_and_dee_beyond_the_ladder():
     assert lines[0] == "| method | ACC (%) | ECE (%) | DEE |" and len(lines) == 4
     assert "81.00 ± 1.41 (n=2)" in lines[2] and "6.00 ± 1.41 (n=2)" in lines[2] and "2.00 ± 0.71 (n=2)" in lines[2]
     assert "> 4 (n=2)" in lines[3]
+    mixed = E.metrics_table({"KD": [{"dee": 1.5}, {"dee": 2.5}, {"dee": math.inf}]}, ("dee",), dee_cap=4)
+    assert mixed.splitlines()[2] == "| KD | 2.00 ± 0.71 (n=2); 1 more runs > 4 |"
+    assert E.metrics_table({"KD": [{"acc": 80.0}]}, ("acc", "nll")).splitlines()[2] == "| KD | 80.00 (n=1) | – |"
     with pytest.raises(ValueError, match="unknown column"):
         E.metrics_table(runs, ("accuracy",))
 

@@ -2,6 +2,7 @@
 the two-stage trainer, multiplication counts, the figures and the exercises' self-checks."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,18 +11,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidistill.losses import soft_targets
-from minidistill.methods import fitnets
+from minidistill import train
+from minidistill.exercises import fitnets as fitnets_exercises
+from minidistill.methods import fitnets, fitnets_plots
 from minidistill.methods.fitnets import HintObjective, HintRegressor, FitNetsKD
 from minidistill.models import PlainCNN, create_model, feature_extractor
 from minidistill.runtime import seed_everything
 from minidistill.train import Recipe, TrainingDiverged, fit
 
-from _core_helpers import state_equal
+from _core_helpers import assert_state_equal, state_equal
 
 
 def test_all_names_exist():
     for name in fitnets.__all__:
         assert hasattr(fitnets, name), name
+
+
+def test_figures_and_checks_are_re_exported_from_the_method_module():
+    for module in (fitnets_plots, fitnets_exercises):
+        for name in module.__all__:
+            assert name in fitnets.__all__ and getattr(fitnets, name) is getattr(module, name), name
 
 
 def _student(depth: int = 7, widths=(4, 8, 8), seed: int = 0) -> PlainCNN:
@@ -32,6 +41,18 @@ def _student(depth: int = 7, widths=(4, 8, 8), seed: int = 0) -> PlainCNN:
 def _teacher(seed: int = 1) -> nn.Module:
     seed_everything(seed)
     return create_model("resnet8", 10).eval()
+
+
+def _small_teacher(seed: int = 1) -> nn.Module:
+    """A cheap stand-in teacher for the training tests (wider than the students, same stages)."""
+    seed_everything(seed)
+    return PlainCNN(4, (8, 8, 16), 10).eval()
+
+
+@pytest.fixture(scope="module")
+def small(tiny):
+    """256 training images of the tiny set: the training tests check plumbing, not accuracy."""
+    return dataclasses.replace(tiny, x_train=tiny.x_train[:256], y_train=tiny.y_train[:256])
 
 
 # -- the regressor ---------------------------------------------------------------------------
@@ -214,31 +235,94 @@ def test_kd_weight_rejects_bad_arguments():
         fitnets.kd_weight(3, start=10, saturate=10)
 
 
-def test_fitnets_kd_objective_decays_from_4_to_1_over_the_run_and_keeps_the_teacher_frozen():
+def _as_fit_would(obj: FitNetsKD, epoch: int, steps_per_epoch: int, epochs: int, step_in_epoch: int = 0) -> None:
+    obj.epoch, obj.steps_per_epoch, obj.total_steps = epoch, steps_per_epoch, steps_per_epoch * epochs
+    obj.step = epoch * steps_per_epoch + step_in_epoch
+
+
+def test_fitnets_kd_objective_reads_the_epoch_fit_sets_and_decays_from_4_to_1():
     teacher = _teacher()
-    obj = FitNetsKD(teacher, steps_per_epoch=2, start=1, saturate=4)  # a 5-epoch run
+    obj = FitNetsKD(teacher)  # the decay compressed into whatever run fit reports
     obj.train()
     assert not obj.teacher.training and not any(p.requires_grad for p in obj.teacher.parameters())
-    student = _student(widths=(4, 4, 4))
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     weights = []
-    for _ in range(10):
-        weights.append(obj.weight)
-        loss, logits = obj(student, x, y)
-    assert weights[::2] == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0])
-    assert weights[0] == weights[1]  # once per epoch
+    for epoch in range(5):
+        for step in range(3):
+            _as_fit_would(obj, epoch, steps_per_epoch=3, epochs=5, step_in_epoch=step)
+            weights.append(obj.weight)
+    assert weights[::3] == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0])
+    assert weights[0] == weights[1] == weights[2]  # once per epoch
+    explicit = FitNetsKD(teacher, start=1, saturate=4, initial=2.0, final=0.5)
+    _as_fit_would(explicit, 2, steps_per_epoch=3, epochs=50)  # explicit epochs do not depend on the run's length
+    assert explicit.weight == pytest.approx(fitnets.kd_weight(2, initial=2.0, final=0.5, start=1, saturate=4))
+    with pytest.raises(ValueError, match="both start and saturate"):
+        FitNetsKD(teacher, start=1)
+    with pytest.raises(ValueError, match="temperature"):
+        FitNetsKD(teacher, temperature=0.0)
+
+
+def test_fitnets_kd_objective_returns_logits_and_its_terms():
+    teacher, student = _teacher(), _student(widths=(4, 4, 4))
+    obj = FitNetsKD(teacher, temperature=2.0).train()
+    _as_fit_would(obj, 1, steps_per_epoch=2, epochs=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    loss, logits, terms = obj(student, x, y)
+    assert set(terms) == {"ce", "kd", "weight"} and terms["weight"].item() == obj.weight == 2.5
     with torch.no_grad():
-        want = fitnets.fitnets_kd_loss(student(x), teacher(x), y, 3.0, obj.weight)
-    obj.eval()
-    before = obj.steps
-    loss, _ = obj(student, x, y)
-    assert obj.steps == before  # evaluation calls do not advance the schedule
-    assert torch.allclose(loss.detach(), want)
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        FitNetsKD(teacher, 0)
+        z, v = student(x), teacher(x)
+    assert torch.allclose(logits.detach(), z)
+    assert torch.allclose(loss.detach(), fitnets.fitnets_kd_loss(z, v, y, 2.0, 2.5))
+    assert torch.allclose(terms["ce"], F.cross_entropy(z, y))
+    assert torch.allclose(terms["kd"], fitnets.fitnets_kd_loss(z, v, y, 2.0, 1.0) - F.cross_entropy(z, y))
+    assert not any(t.requires_grad for t in terms.values())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StoppableKD(FitNetsKD):
+    """FitNetsKD that raises at the start of epoch ``stop_at`` (a run killed mid-way)."""
+
+    stop_at: int | None = None
+
+    def forward(self, model, x, y):
+        if self.training and self.epoch == self.stop_at:
+            raise _Interrupted
+        return super().forward(model, x, y)
+
+
+def test_fitnets_kd_schedule_continues_when_a_run_is_resumed(small, tmp_path):
+    recipe = Recipe(epochs=4, batch_size=128, lr=0.05)
+    teacher = _small_teacher()
+
+    def run(stop_at=None, checkpoint=None):
+        obj = _StoppableKD(teacher)
+        obj.stop_at = stop_at
+        student = _student(depth=4, widths=(4, 4, 4), seed=3)
+        history = fit(student, small, obj, recipe, seed=3, checkpoint=checkpoint, eval_every=None, progress=False)
+        return student, history, obj
+
+    whole, whole_history, _ = run()
+    path = tmp_path / "kd.pt"
+    with pytest.raises(_Interrupted):
+        run(stop_at=2, checkpoint=path)                   # killed after two epochs
+    resumed, history, obj = run(checkpoint=path)          # a fresh objective, resumed from the file
+    assert len(history) == 4 and obj.epoch == 3
+    assert history["train_weight"] == pytest.approx([4.0, 3.0, 2.0, 1.0]) == whole_history["train_weight"]
+    assert obj.weight == 1.0                             # a private step counter would restart: 3.0 here
+    assert_state_equal(resumed, whole)                    # so the weights match the uninterrupted run
 
 
 # -- feature access and stage 1 --------------------------------------------------------------
+
+def test_feature_shape_takes_the_image_shape():
+    student = _student(widths=(4, 6, 8))
+    assert fitnets.feature_shape(student, "layer2", (3, 24, 20)) == (6, 12, 10)
+    assert fitnets.feature_shape(student, "layer1", (3, 32, 32)) == (4, 32, 32)
+    with pytest.raises(TypeError):
+        fitnets.feature_shape(student, "layer1")  # no silent 32x32 default
+
 
 def test_student_trunk_shares_parameters_and_stops_at_the_guided_layer():
     student = _student().eval()
@@ -250,31 +334,46 @@ def test_student_trunk_shares_parameters_and_stops_at_the_guided_layer():
     assert trunk_ids <= {id(p) for p in student.parameters()}
     assert not trunk_ids & {id(p) for p in (*student.layer3.parameters(), *student.fc.parameters())}
     assert trunk_ids == {id(p) for m in (student.stem, student.layer1, student.layer2) for p in m.parameters()}
+    nested = fitnets.student_trunk(student, "layer1.0")
+    assert {id(p) for p in nested.parameters()} == {id(p) for m in (student.stem, student.layer1) for p in m.parameters()}
+    with pytest.raises(ValueError, match="unknown feature name"):
+        fitnets.student_trunk(student, "layer9")
 
 
-def test_hint_objective_normalises_and_ignores_labels():
-    teacher, student = _teacher(), _student(widths=(4, 6, 8))
+def test_student_trunk_follows_train_and_eval_mode():
+    student = _student()
+    trunk = fitnets.student_trunk(student, "layer2")
+    trunk.train()
+    assert student.layer2.training and student.stem.training
+    trunk.eval()
+    assert not student.layer2.training and not student.layer1.training
+
+
+def test_hint_objective_has_no_logits_logs_the_hint_and_ignores_labels():
+    teacher, student = _small_teacher(), _student(widths=(4, 6, 8))
     reg = HintRegressor.from_models(student, "layer2", teacher, "layer2", (3, 16, 16))
     trunk = fitnets.student_trunk(student, "layer2")
     x = torch.randn(3, 3, 16, 16)
     obj = HintObjective(teacher, "layer2", reg)
-    loss, logits = obj(trunk, x, torch.zeros(3, dtype=torch.int64))
-    loss2, _ = obj(trunk, x, torch.full((3,), 7))
+    loss, logits, terms = obj(trunk, x, torch.zeros(3, dtype=torch.int64))
+    loss2, _, _ = obj(trunk, x, torch.full((3,), 7))
     with torch.no_grad():
         target = feature_extractor(teacher, ["layer2"])(x)["layer2"]
     raw = fitnets.hint_loss(reg(trunk(x)), target)
     assert torch.allclose(loss, raw / target[0].numel()) and torch.equal(loss, loss2)
+    assert logits is None and set(terms) == {"hint"} and torch.allclose(terms["hint"], raw)
+    assert not terms["hint"].requires_grad
     assert torch.allclose(HintObjective(teacher, "layer2", reg, normalize=False)(trunk, x, None)[0], raw)
-    assert logits.shape == (3, 1)
+    assert [n for n, _ in obj.named_children()] == ["teacher", "regressor"]  # the teacher is registered once
 
 
-def test_stage_1_updates_only_the_trunk_and_the_regressor(tiny):
-    teacher, student = _teacher(), _student(widths=(4, 6, 8))
+def test_stage_1_updates_only_the_trunk_and_the_regressor(small):
+    teacher, student = _small_teacher(), _student(widths=(4, 6, 8))
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = {k: v.clone() for k, v in student.state_dict().items()}
     reg = HintRegressor.from_models(student, "layer2", teacher, "layer2", (3, 16, 16))
     reg_before = reg.conv.weight.detach().clone()
-    hist = fit(fitnets.student_trunk(student, "layer2"), tiny, HintObjective(teacher, "layer2", reg),
+    hist = fit(fitnets.student_trunk(student, "layer2"), small, HintObjective(teacher, "layer2", reg),
                Recipe(epochs=1, batch_size=128, lr=0.05), progress=False, eval_splits=())
     after = student.state_dict()
     trunk_keys = [k for k in before if k.split(".")[0] in ("stem", "layer1", "layer2")]
@@ -285,44 +384,63 @@ def test_stage_1_updates_only_the_trunk_and_the_regressor(tiny):
     assert set(changed) == set(trunk_keys)                                 # every trunk tensor moved
     assert state_equal(teacher, teacher_before)                            # the teacher never moves
     assert not torch.equal(reg.conv.weight.detach(), reg_before)
-    assert "test_acc" not in hist.records[0]  # no evaluation splits in stage 1
+    record = hist.records[0]
+    assert "test_acc" not in record and "train_acc" not in record          # nothing scored, no fake accuracy
+    assert record["train_hint"] > record["train_loss"] > 0                 # the paper's sum, and per feature
 
 
-def test_train_fitnet_runs_both_stages_and_leaves_the_teacher_alone(tiny):
-    teacher, student = _teacher(), _student(widths=(4, 6, 8))
+def test_train_fitnet_runs_both_stages_and_leaves_the_teacher_alone(small):
+    teacher, student = _small_teacher(), _student(widths=(4, 6, 8))
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     fc_before = student.fc.weight.detach().clone()
-    run = fitnets.train_fitnet(student, teacher, tiny, hint_recipe=Recipe(epochs=2, batch_size=128, lr=0.05),
+    run = fitnets.train_fitnet(student, teacher, small, hint_recipe=Recipe(epochs=2, batch_size=128, lr=0.05),
                                recipe=Recipe(epochs=1, batch_size=128, lr=0.05), progress=False)
     assert run.student is student and isinstance(run.regressor, HintRegressor)
     assert len(run.hint_history) == 2 and "train_acc" not in run.hint_history.records[0]
     assert run.hint_history.meta["stage"] == "hints" and run.history.meta["stage"] == "kd"
     assert run.history.meta["objective"] == "FitNetsKD" and 0 <= run.history.final("test_acc") <= 100
+    assert {"train_ce", "train_kd", "train_weight", "train_acc"} <= set(run.history.records[0])
     assert not torch.equal(student.fc.weight.detach(), fc_before)  # stage 2 trains the whole student
     assert state_equal(teacher, teacher_before)
 
 
-def test_train_student_gives_every_method_the_same_start(tiny, monkeypatch):
+def test_train_fitnet_sizes_the_regressor_for_the_data_and_checkpoints_both_stages(small, tmp_path):
+    teacher, student = _small_teacher(), _student(widths=(4, 6, 8))
+    path = tmp_path / "fitnet.pt"
+    run = fitnets.train_fitnet(student, teacher, small, guided="layer1", hint_recipe=Recipe(epochs=1, batch_size=256),
+                               recipe=Recipe(epochs=1, batch_size=256), checkpoint=path, progress=False)
+    assert run.regressor.conv.kernel_size == (9, 9)  # 16x16 images: a 16x16 guided map onto an 8x8 hint
+    assert path.exists() and (tmp_path / "fitnet-hints.pt").exists()
+
+
+def test_train_student_gives_every_method_the_same_start(small, monkeypatch):
     seen = []
-    real_fit = fitnets.fit
+    real_fit = train.fit
 
     def spy(model, data, objective, recipe, **kw):
         seen.append((type(objective).__name__, {k: v.clone() for k, v in model.state_dict().items()}))
         return real_fit(model, data, objective, recipe, **kw)
 
-    monkeypatch.setattr(fitnets, "fit", spy)
-    teacher, recipe = _teacher(), Recipe(epochs=1, batch_size=128, lr=0.05)
-    runs = {m: fitnets.train_student(m, lambda: PlainCNN(4, (4, 4, 4), 10), teacher, tiny, recipe=recipe,
+    monkeypatch.setattr(train, "fit", spy)     # what train_model calls
+    monkeypatch.setattr(fitnets, "fit", spy)   # what train_fitnet calls
+    teacher, recipe = _small_teacher(), Recipe(epochs=1, batch_size=128, lr=0.05)
+    runs = {m: fitnets.train_student(m, lambda: PlainCNN(4, (4, 4, 4), 10), teacher, small, recipe=recipe,
                                      hint_recipe=recipe, seed=5, progress=False) for m in ("alone", "KD", "FitNet")}
     names = [n for n, _ in seen]
     assert names == ["NoneType", "FitNetsKD", "HintObjective", "FitNetsKD"]
     w_alone, w_kd, w_hint = seen[0][1], seen[1][1], seen[2][1]
     assert all(torch.equal(w_alone[k], w_kd[k]) for k in w_alone)
-    assert all(torch.equal(w_alone[k], w_hint[f"extractor.{k}"]) for k in w_alone if k.startswith("stem"))
+    assert all(torch.equal(w_alone[k], w_hint[f"stages.{k}"]) for k in w_alone if k.startswith("stem"))
     assert runs["alone"].regressor is None and runs["FitNet"].hint_history is not None
 
 
-def test_train_student_reports_divergence_instead_of_crashing(tiny):
+def test_train_student_passes_eval_every_on(small):
+    run = fitnets.train_student("KD", lambda: PlainCNN(4, (4, 4, 4), 10), _small_teacher(), small,
+                                recipe=Recipe(epochs=2, batch_size=256), eval_every=None, progress=False)
+    assert math.isnan(run.history["test_acc"][0]) and not math.isnan(run.history.final("test_acc"))
+
+
+def test_train_student_reports_divergence_instead_of_crashing(small):
     class Broken(nn.Module):
         def __init__(self):
             super().__init__()
@@ -331,10 +449,11 @@ def test_train_student_reports_divergence_instead_of_crashing(tiny):
         def forward(self, x):
             return self.fc(x.mean((2, 3))) * float("nan")
 
-    run = fitnets.train_student("alone", Broken, None, tiny, recipe=Recipe(epochs=1, batch_size=128), progress=False)
+    run = fitnets.train_student("alone", Broken, None, small, recipe=Recipe(epochs=1, batch_size=128), progress=False)
     assert "diverged" in run.history.meta and math.isnan(run.history.final("test_acc"))
+    assert isinstance(run.student, Broken) and not run.student.training
     with pytest.raises(TrainingDiverged):
-        fitnets.train_student("alone", Broken, None, tiny, recipe=Recipe(epochs=1, batch_size=128),
+        fitnets.train_student("alone", Broken, None, small, recipe=Recipe(epochs=1, batch_size=128),
                               catch_divergence=False, progress=False)
 
 

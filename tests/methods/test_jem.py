@@ -1,10 +1,12 @@
 """Chapter 6 (JEM): energies, the shift property, SGLD, the replay buffer, the pixel space,
-the objective and its divergence guard, OOD scores, the 2-D toy, the figures and the
-exercises' self-checks."""
+the objective (the loss it trains, its terms, its divergence guard), train_jem, OOD scores,
+the 2-D toy, the figures and the exercises' self-checks (the last three live in jem_plots and
+exercises.jem and are re-exported by jem)."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import matplotlib.figure
 import pytest
@@ -12,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import minidistill.train as train_module
 from minidistill.data import Dataset, DeviceLoader, make_shapes
-from minidistill.methods import jem
+from minidistill.exercises import jem as jem_exercises
+from minidistill.losses import Objective
+from minidistill.methods import jem, jem_plots
 from minidistill.models import PreActBlock, create_model
 from minidistill.runtime import seed_everything
-from minidistill.train import Recipe, TrainingDiverged
+from minidistill.train import History, Recipe, TrainingDiverged
 
 G = torch.Generator().manual_seed(0)
 Z = torch.randn(7, 5, generator=G, dtype=torch.float64) * 3
@@ -113,10 +118,18 @@ def test_px_loss_value_and_gradient_is_the_difference_of_expectations():
 
 def test_jem_loss_combines_cross_entropy_and_the_px_term():
     lq = Z.flip(0) + 1
-    assert torch.allclose(jem.jem_loss(Z, Y, None, px_weight=0.0), F.cross_entropy(Z, Y))
-    assert torch.allclose(jem.jem_loss(Z, Y, lq), F.cross_entropy(Z, Y) + jem.px_loss(Z, lq))
-    assert torch.allclose(jem.jem_loss(Z, Y, lq, px_weight=0.5, pyx_weight=2.0),
-                          2 * F.cross_entropy(Z, Y) + 0.5 * jem.px_loss(Z, lq))
+    ce, lse_d, lse_q = F.cross_entropy(Z, Y), torch.logsumexp(Z, -1).mean(), torch.logsumexp(lq, -1).mean()
+    loss, terms = jem.jem_loss(Z, Y, None, px_weight=0.0)
+    assert torch.allclose(loss, ce) and set(terms) == {"ce", "energy_data"}
+    loss, terms = jem.jem_loss(Z, Y, lq)
+    # the p(x) term, by hand: mean E(data) - mean E(samples) = -mean LSE(data) + mean LSE(samples)
+    assert torch.allclose(loss, ce - lse_d + lse_q)
+    loss, terms = jem.jem_loss(Z, Y, lq, px_weight=0.5, pyx_weight=2.0)
+    assert torch.allclose(loss, 2 * ce + 0.5 * (lse_q - lse_d))
+    assert set(terms) == {"ce", "energy_data", "energy_samples", "gap"}
+    assert torch.allclose(terms["ce"], ce) and torch.allclose(terms["gap"], lse_q - lse_d)
+    assert torch.allclose(terms["energy_data"], -lse_d) and torch.allclose(terms["energy_samples"], -lse_q)
+    assert not any(t.requires_grad for t in terms.values())
     with pytest.raises(ValueError, match="needs logits_samples"):
         jem.jem_loss(Z, Y)
     with pytest.raises(ValueError, match="px_weight"):
@@ -282,13 +295,56 @@ def test_objective_forward_trains_both_terms_and_writes_the_buffer_back(tiny):
     before = buf.samples.clone()
     obj = jem.JEMObjective(buf, jem.PixelSpace.from_dataset(tiny), n_steps=2, n_samples=16)
     x = jem.PixelSpace.from_dataset(tiny).to_model(jem.PixelSpace.from_uint8(tiny.x_train[:24]))
-    loss, logits = obj(model, x, tiny.y_train[:24])
+    loss, logits, terms = obj(model, x, tiny.y_train[:24])
+    assert isinstance(obj, Objective)
     assert loss.ndim == 0 and logits.shape == (24, 10) and model.training
+    assert set(terms) == {"ce", "energy_data", "energy_samples", "gap"}
+    assert torch.allclose(terms["gap"], terms["energy_data"] - terms["energy_samples"])
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     changed = (buf.samples != before).flatten(1).any(1)
     assert 1 <= int(changed.sum()) <= 16
-    assert obj.energy_trace().shape == (1, 2) and obj.steps == 1
+
+
+def _gap_objective(px_weight=1.0, pyx_weight=1.0):
+    """A linear model on 2-D points and an objective whose SGLD samples are all one known point
+    (no SGLD steps, no restarts, every buffer row the same), so the loss can be written by hand."""
+    model = Linear(2, 3).double()
+    buf = jem.ReplayBuffer(8, (2,), reinit_prob=0.0, dtype=torch.float64)
+    buf.samples.copy_(torch.tensor([2.0, -1.0], dtype=torch.float64).expand(8, 2))
+    obj = jem.JEMObjective(buf, None, n_steps=0, data_noise=0.0, n_samples=5,
+                           px_weight=px_weight, pyx_weight=pyx_weight)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
+    return model, obj, x, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_the_loss_the_objective_trains_is_ce_plus_the_energy_gap_written_by_hand():
+    # written without jem.energy / jem_loss: a sign flipped in the p(x) term of the code that
+    # trains (the objective or jem_loss) changes the value and the gradient
+    model, obj, x, y = _gap_objective(px_weight=0.5, pyx_weight=2.0)
+    loss, logits, terms = obj(model, x, y)
+    lse_d = torch.logsumexp(model(x), -1).mean()
+    lse_q = torch.logsumexp(model(obj.buffer.samples[:1]), -1).mean()
+    want = 2.0 * F.cross_entropy(model(x), y) + 0.5 * (-lse_d + lse_q)
+    assert torch.allclose(loss, want, atol=1e-12)
+    grads, want_grads = (torch.autograd.grad(v, list(model.parameters())) for v in (loss, want))
+    assert all(torch.allclose(g, w, atol=1e-12) for g, w in zip(grads, want_grads))
+    assert torch.allclose(terms["gap"], (-lse_d + lse_q).detach(), atol=1e-12)
+
+
+def test_a_step_on_the_px_term_lowers_the_data_energy_below_the_samples():
+    model, obj, x, y = _gap_objective(pyx_weight=0.0)
+    gaps = []
+    for _ in range(2):
+        loss, _, terms = obj(model, x, y)
+        gaps.append(terms["gap"].item())
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+    # the gap E(data) - E(samples) falls: data energy down, sample energy up
+    assert gaps[1] < gaps[0] - 1e-3
 
 
 def test_objective_with_px_weight_zero_is_the_plain_classifier(tiny):
@@ -298,8 +354,9 @@ def test_objective_with_px_weight_zero_is_the_plain_classifier(tiny):
     obj = jem.JEMObjective(buf, jem.PixelSpace.from_dataset(tiny), px_weight=0.0, data_noise=0.0)
     x = torch.randn(5, 3, 16, 16)
     y = torch.arange(5)
-    loss, logits = obj(model, x, y)
+    loss, logits, terms = obj(model, x, y)
     assert torch.allclose(loss, F.cross_entropy(model(x), y)) and torch.equal(buf.samples, before)
+    assert set(terms) == {"ce", "energy_data"} and torch.allclose(terms["ce"], loss.detach())
 
 
 def test_data_noise_is_added_in_pixel_space(tiny, monkeypatch):
@@ -318,10 +375,17 @@ def test_guard_raises_on_the_check_step_with_a_report():
     model = Linear(2, 3)
     obj = jem.JEMObjective(jem.ReplayBuffer(50, (2,)), None, n_steps=1, data_noise=0.0,
                            max_energy_gap=1e-9, check_every=3)
+    obj.total_steps = 100                              # as fit sets them: its step counter drives the guard
     x, y = torch.randn(8, 2) * 5, torch.zeros(8, dtype=torch.int64)
-    obj(model, x, y)
-    obj(model, x, y)                                   # the gap is read only every 3 steps
+    for obj.step in (0, 1):                            # the gap is read only every 3 steps
+        obj(model, x, y)
+    obj.step = 2
     with pytest.raises(jem.JEMDiverged, match=r"by training step 3: the energy gap .* reached .*limit 1e-09"):
+        obj(model, x, y)
+    obj.step = 97
+    obj(model, x, y)                                   # not a check step: the worst gap is only kept
+    obj.step = 99
+    with pytest.raises(jem.JEMDiverged, match="by training step 100"):   # the last step is checked too
         obj(model, x, y)
     assert issubclass(jem.JEMDiverged, TrainingDiverged)
 
@@ -379,32 +443,43 @@ def test_without_batchnorm_removes_batch_statistics_and_starts_residual_blocks_a
     assert all(m.weight.abs().sum() > 0 for m in kept.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_train_jem_runs_and_reports(tiny):
-    tiny = dataclasses.replace(tiny, x_train=tiny.x_train[:192], y_train=tiny.y_train[:192])
-    result = jem.train_jem("resnet8", tiny, ONE, n_steps=1, buffer_size=100)
+def test_train_jem_runs_and_logs_the_objectives_terms(tiny):
+    tiny = dataclasses.replace(tiny, x_train=tiny.x_train[:128], y_train=tiny.y_train[:128])
+    result = jem.train_jem("resnet8", tiny, ONE.replace(epochs=2), n_steps=1, buffer_size=100, eval_every=None)
     model, history, objective = result
     assert isinstance(result, jem.JEMResult) and result.model is model
-    assert len(history) == 1 and 0 <= history.final("test_acc") <= 100
+    assert len(history) == 2 and 0 <= history.final("test_acc") <= 100 and math.isnan(history["test_acc"][0])
     assert history.meta["jem"]["n_steps"] == 1 and history.meta["jem"]["step_size"] == 1.0
-    assert objective.energy_trace().shape == (len(tiny.x_train) // 64, 2)
     assert objective.buffer.samples.shape == (100, 3, 16, 16)
+    # the History carries the loss's terms; what fit minimised (train_loss) is ce + gap at weights 1
+    for r in history.records:
+        assert r["train_gap"] == pytest.approx(r["train_energy_data"] - r["train_energy_samples"], abs=1e-4)
+        assert r["train_loss"] == pytest.approx(r["train_ce"] + r["train_gap"], rel=1e-4, abs=1e-4)
+        assert abs(r["train_gap"]) > 1e-3                # so a flipped sign would show
+    plain = jem.train_jem("resnet8", tiny, ONE, px_weight=0.0, buffer_size=10, eval_every=None).history
+    assert "train_energy_data" in plain.records[0] and "train_gap" not in plain.records[0]
+    assert plain.final("train_loss") == pytest.approx(plain.final("train_ce"), rel=1e-5)
 
 
-def test_train_jem_plain_and_jem_start_from_the_same_weights(tiny, monkeypatch):
+def test_train_jem_builds_on_train_model_from_the_seed(tiny, monkeypatch):
     seen = []
-    import minidistill.methods.jem as mod
 
     def fake_fit(model, data, objective, recipe, **kw):
-        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective))
-        return mod.History()
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective, kw))
+        return History()
 
-    monkeypatch.setattr(mod, "fit", fake_fit)
-    jem.train_jem("resnet8", tiny, ONE, seed=3)
+    monkeypatch.setattr(train_module, "fit", fake_fit)
+    jem.train_jem("resnet8", tiny, ONE, seed=3, eval_every=None)
     jem.train_jem("resnet8", tiny, ONE, seed=3, px_weight=0.0)
     jem.train_jem("resnet8", tiny, ONE, seed=4)
-    (a, obj_a), (b, obj_b), (c, _) = seen
+    (a, obj_a, kw_a), (b, obj_b, kw_b), (c, obj_c, _) = seen
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
     assert obj_a.px_weight == 1.0 and obj_b.px_weight == 0.0
+    # the replay buffer starts from the seed alone
+    assert torch.equal(obj_a.buffer.samples, obj_b.buffer.samples)
+    assert not torch.equal(obj_a.buffer.samples, obj_c.buffer.samples)
+    assert kw_a["eval_every"] is None and kw_a["seed"] == 3 and kw_a["description"] == "JEM resnet8 (seed 3)"
+    assert kw_b["description"] == "plain resnet8 (seed 3)"
 
 
 def test_train_jem_rejects_bad_input_and_warns_about_batchnorm(tiny, monkeypatch):
@@ -414,9 +489,7 @@ def test_train_jem_rejects_bad_input_and_warns_about_batchnorm(tiny, monkeypatch
         jem.train_jem("resnet8", tiny, {"epochs": 1})
     with pytest.raises(ValueError, match="unknown model"):
         jem.train_jem("resnet9000", tiny, ONE)
-    import minidistill.methods.jem as mod
-
-    monkeypatch.setattr(mod, "fit", lambda *a, **k: mod.History())
+    monkeypatch.setattr(train_module, "fit", lambda *a, **k: History())
     with pytest.warns(UserWarning, match="batch-norm"):
         jem.train_jem(create_model("resnet8", 10), tiny, ONE, buffer_size=10)
 
@@ -557,9 +630,45 @@ def test_image_figures_are_labelled():
     assert fig.axes[0].get_title() == "chains"
     with pytest.raises(ValueError, match="images must be"):
         jem.plot_samples(torch.zeros(3, 8, 8))
-    fig = jem.plot_energy_trace({"seed 0": torch.randn(20, 2)})
+    records = [{"epoch": e, "train_energy_data": -e, "train_energy_samples": -e + 0.5} for e in (1, 2, 3)]
+    plain = [{"epoch": e, "train_energy_data": 1.0 - e} for e in (1, 2, 3)]
+    fig = jem.plot_energy_trace({"JEM": History(records), "plain": History(plain)})
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "training step" and len(ax.get_legend().get_texts()) == 2
+    assert ax.get_xlabel() == "epoch" and len(ax.get_legend().get_texts()) == 3   # plain: data only
+    assert list(ax.get_lines()[1].get_ydata()) == [-0.5, -1.5, -2.5]
+    with pytest.raises(ValueError, match="JEMObjective run"):
+        jem.plot_energy_trace({"bad": History([{"epoch": 1, "train_loss": 1.0}])})
+
+
+# -- the re-exports --------------------------------------------------------------------------
+
+def test_moved_names_are_re_exported_by_jem():
+    moved = {**{n: jem_plots for n in jem_plots.__all__}, **{n: jem_exercises for n in jem_exercises.__all__}}
+    assert set(moved) <= set(jem.__all__) and set(moved) <= set(dir(jem))
+    assert all(getattr(jem, n) is getattr(mod, n) for n, mod in moved.items())
+    assert all(hasattr(jem, n) for n in jem.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'plot_nothing'"):
+        jem.plot_nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("first", ["minidistill.exercises.jem", "minidistill.methods.jem_plots"])
+def test_the_chapters_modules_import_in_any_order(first, monkeypatch):
+    # jem_plots and exercises.jem import jem, which re-exports their names lazily: no import cycle.
+    # Import fresh copies (the originals are put back afterwards) starting from either module.
+    import importlib
+
+    import minidistill.exercises
+    import minidistill.methods
+
+    names = ("minidistill.methods.jem", "minidistill.methods.jem_plots", "minidistill.exercises.jem")
+    for name in names:
+        package, _, attr = name.rpartition(".")
+        monkeypatch.setattr(sys.modules[package], attr, sys.modules[name])
+        monkeypatch.delitem(sys.modules, name)
+    importlib.import_module(first)
+    fresh = importlib.import_module("minidistill.methods.jem")
+    assert fresh is not jem and fresh.check_energy is sys.modules["minidistill.exercises.jem"].check_energy
+    assert fresh.plot_samples is sys.modules["minidistill.methods.jem_plots"].plot_samples
 
 
 # -- exercises -------------------------------------------------------------------------------

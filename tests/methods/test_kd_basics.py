@@ -1,12 +1,23 @@
-"""Chapter 1 (Hinton KD): closed-form gradients, the student trainer, and the self-checks."""
+"""Chapter 1 (Hinton KD): closed-form gradients, the student trainer (on train.train_model),
+the re-exported self-checks, and the fast teacher that chapters 1 and 2 share."""
 from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from minidistill.losses import kd_loss, soft_targets
+from minidistill import fast_teacher, train
+from minidistill.data import make_shapes
+from minidistill.exercises import kd_basics as kd_exercises
+from minidistill.losses import Distillation, kd_loss, soft_targets
 from minidistill.methods import kd_basics
 from minidistill.train import Recipe
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 G = torch.Generator().manual_seed(0)
 Z = torch.randn(6, 10, generator=G, dtype=torch.float64)
@@ -53,26 +64,89 @@ def test_gradient_norms_raw_falls_as_one_over_T_squared_and_scaled_is_flat():
     assert n["scaled"][0] == pytest.approx(n["raw"][0] * 16**2)
 
 
-def test_train_student_alone_and_with_kd_share_initial_weights(tiny, monkeypatch):
-    """Same seed: same initial weights and data order, so only the objective differs."""
-    seen = []
-    import minidistill.methods.kd_basics as mod
+def test_every_public_name_resolves_and_the_checks_are_re_exported():
+    for name in kd_basics.__all__:
+        assert hasattr(kd_basics, name), name
+    for name in kd_exercises.__all__:
+        assert name in kd_basics.__all__ and getattr(kd_basics, name) is getattr(kd_exercises, name), name
 
-    real_fit = mod.fit
+
+def test_train_student_alone_and_with_kd_share_initial_weights(tiny, monkeypatch):
+    """Same seed: same initial weights and data order, so only the objective differs; the work is
+    train.train_model's (train_student is a few lines on it)."""
+    seen = []
+    real_fit = train.fit
 
     def spy(model, data, objective, recipe, **kw):
-        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective, kw["seed"]))
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective, kw))
         return real_fit(model, data, objective, recipe, **kw)
 
-    monkeypatch.setattr(mod, "fit", spy)
+    monkeypatch.setattr(train, "fit", spy)
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
     teacher, _ = kd_basics.train_student("resnet8", tiny, recipe, seed=3)
     student, hist = kd_basics.train_student("resnet8", tiny, recipe, seed=3, teacher=teacher, temperature=2.0, alpha=0.5)
-    (w_alone, obj_alone, _), (w_kd, obj_kd, seed_kd) = seen
+    (w_alone, obj_alone, kw_alone), (w_kd, obj_kd, kw_kd) = seen
     assert all(torch.equal(w_alone[k], w_kd[k]) for k in w_alone)
-    assert obj_alone is None and obj_kd.temperature == 2.0 and obj_kd.alpha == 0.5 and seed_kd == 3
+    assert obj_alone is None and isinstance(obj_kd, Distillation)
+    assert obj_kd.temperature == 2.0 and obj_kd.alpha == 0.5 and obj_kd.teacher is teacher
+    assert kw_alone["seed"] == kw_kd["seed"] == 3
+    assert kw_alone["description"] == "resnet8 (alone, seed 3)" and kw_kd["description"] == "resnet8 (KD, T=2, seed 3)"
     assert len(hist) == 1 and 0 <= hist.final("test_acc") <= 100
-    assert not student.training
+    assert {"train_ce", "train_kd"} <= set(hist.records[0])  # the objective's terms, averaged by fit
+    assert not student.training and isinstance(student, torch.nn.Module)
+
+
+def test_train_student_passes_fit_keywords_through(tiny):
+    """eval_every=None (for runs whose curves are not plotted) reaches fit: only the last epoch is scored."""
+    recipe = Recipe(epochs=2, batch_size=256, lr=0.05)
+    out = kd_basics.train_student("resnet8", tiny, recipe, seed=0, eval_every=None)
+    assert isinstance(out, tuple) and len(out) == 2
+    _, hist = out
+    assert math.isnan(hist["test_acc"][0]) and not math.isnan(hist.final("test_acc"))
+
+
+# -- the teacher chapters 1 and 2 share ----------------------------------------------------------
+
+def _teacher_calls(notebook: str) -> list[str]:
+    """The code lines of a notebook that ask for a teacher (fast_teacher(...) or pretrained(...))."""
+    cells = json.loads((NOTEBOOKS / notebook).read_text())["cells"]
+    lines = [ln.strip() for c in cells if c["cell_type"] == "code" for ln in "".join(c["source"]).splitlines()]
+    return [ln for ln in lines if "fast_teacher(" in ln or "pretrained(" in ln]
+
+
+def _data_lines(notebook: str) -> list[str]:
+    cells = json.loads((NOTEBOOKS / notebook).read_text())["cells"]
+    lines = [ln.strip() for c in cells if c["cell_type"] == "code" for ln in "".join(c["source"]).splitlines()]
+    return [ln for ln in lines if re.match(r"ds\s*=", ln)]
+
+
+def test_chapters_1_and_2_ask_for_the_same_fast_teacher():
+    """One teacher group: both notebooks build their data the same way and ask fast_teacher for
+    the teacher with the same arguments (seed 0, the profile), so chapter 2 finds chapter 1's in
+    the cache."""
+    ch1 = [ln for ln in _teacher_calls("01_kd_basics.ipynb") if "fast_teacher(" in ln]
+    ch2 = [ln for ln in _teacher_calls("02_kd_as_lsr.ipynb") if "fast_teacher(" in ln]
+    assert len(ch1) == 1 and len(ch2) == 1, (ch1, ch2)
+    call = re.search(r"fast_teacher\.fast_teacher\((.*?)\)", ch1[0])
+    assert call and call.group(0) in ch2[0], (ch1, ch2)
+    assert "seed" not in call.group(1) or "seed=0" in call.group(1)
+    assert _data_lines("01_kd_basics.ipynb") == _data_lines("02_kd_as_lsr.ipynb")
+    groups = [json.loads((NOTEBOOKS / nb).read_text())["metadata"]["minidistill"].get("teacher_group")
+              for nb in ("01_kd_basics.ipynb", "02_kd_as_lsr.ipynb")]
+    assert groups[0] and groups[0] == groups[1], groups  # publish.py keeps them together, chapter 1 first
+
+
+def test_the_shared_teacher_is_trained_once_and_then_read_from_the_cache(data_dir, monkeypatch):
+    """What the two chapters do, on a tiny shapes set in an empty data root: the first call trains
+    and caches the teacher, the second (chapter 2's) loads it, and the root holds one checkpoint."""
+    small = make_shapes(n_train=300, n_test=60)
+    first = fast_teacher.fast_teacher(small, profile="smoke", device="cpu", progress=False)
+    monkeypatch.setattr(fast_teacher, "train_fast_teacher", lambda *a, **k: pytest.fail("trained the teacher twice"))
+    second = fast_teacher.fast_teacher(small, profile="smoke", device="cpu", progress=False)
+    assert not first.cached and second.cached and first.path == second.path
+    assert [p.name for p in (data_dir / "checkpoints").iterdir()] == [first.path.name]
+    x = small.x_test[:8].float()
+    assert torch.equal(first.model(x), second.model(x)) and not second.model.training
 
 
 def test_check_soft_targets_accepts_right_and_rejects_wrong(capsys):

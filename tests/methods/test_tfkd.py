@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidistill.losses import distillation_loss
+from minidistill import train
+from minidistill.exercises import tfkd as tfkd_exercises
+from minidistill.losses import Objective, distillation_loss
 from minidistill.models import create_model
-from minidistill.methods import tfkd
+from minidistill.methods import tfkd, tfkd_plots
 from minidistill.train import Recipe
 
 G = torch.Generator().manual_seed(0)
@@ -239,13 +241,29 @@ def test_tfkd_reg_is_label_smoothing_with_scale_and_epsilon():
 
 # -- objectives and training -------------------------------------------------------------------
 
-def test_regularization_objective_matches_the_loss_and_rejects_bad_settings():
+def test_every_public_name_resolves_and_moved_names_are_re_exported():
+    for name in tfkd.__all__:
+        assert hasattr(tfkd, name), name
+    for module in (tfkd_plots, tfkd_exercises):
+        for name in module.__all__:
+            assert name in tfkd.__all__ and getattr(tfkd, name) is getattr(module, name), name
+    assert tfkd.train_model is train.train_model  # a re-export, not a copy of it
+
+
+def test_regularization_objective_returns_the_loss_its_logits_and_named_terms():
     obj = tfkd.TfKDRegularization(0.9, 4.0, 0.2, 0.5)
+    assert isinstance(obj, Objective)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).double()
     x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    loss, logits = obj(model, x, Y)
+    loss, logits, terms = obj(model, x, Y)
     assert torch.equal(logits, model(x))
     assert torch.allclose(loss, tfkd.tfkd_reg_loss(model(x), Y, 0.9, 4.0, 0.2, 0.5))
+    assert set(terms) == {"ce", "reg"} and all(t.ndim == 0 and not t.requires_grad for t in terms.values())
+    # the terms are unweighted: ce is the plain cross-entropy, reg the batch-mean KL to softmax(p^d / tau)
+    assert torch.allclose(terms["ce"], F.cross_entropy(model(x), Y))
+    target = tfkd.tempered_virtual_teacher(Y, 10, 0.9, 4.0).double()
+    assert torch.allclose(terms["reg"], F.kl_div(F.log_softmax(model(x), -1), target, reduction="batchmean"))
+    assert torch.allclose(loss, 0.8 * terms["ce"] + 0.5 * terms["reg"])
     assert "form='code'" in repr(obj)
     assert not list(obj.parameters())  # nothing to train, nothing in the checkpoint
     with pytest.raises(ValueError, match="correct_prob"):
@@ -254,23 +272,40 @@ def test_regularization_objective_matches_the_loss_and_rejects_bad_settings():
         tfkd.TfKDRegularization(form="torch")
 
 
-def test_train_model_shares_initial_weights_across_objectives(tiny, monkeypatch):
+def test_regularization_objective_paper_form_tempers_the_student():
+    obj = tfkd.TfKDRegularization(0.9, 4.0, 0.2, 0.5, form="paper")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).double()
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    loss, _, terms = obj(model, x, Y)
+    assert torch.allclose(loss, tfkd.tfkd_reg_loss(model(x), Y, 0.9, 4.0, 0.2, 0.5, form="paper"))
+    target = tfkd.tempered_virtual_teacher(Y, 10, 0.9, 4.0).double()
+    assert torch.allclose(terms["reg"], F.kl_div(F.log_softmax(model(x) / 4.0, -1), target, reduction="batchmean"))
+
+
+def test_train_model_shares_initial_weights_across_objectives_and_logs_the_terms(tiny, monkeypatch):
     seen = []
-    real_fit = tfkd.fit
+    real_fit = train.fit
 
     def spy(model, data, objective, recipe, **kw):
         seen.append(({k: v.clone() for k, v in model.state_dict().items()}, objective))
         return real_fit(model, data, objective, recipe, **kw)
 
-    monkeypatch.setattr(tfkd, "fit", spy)
-    recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
+    monkeypatch.setattr(train, "fit", spy)
+    recipe = Recipe(epochs=2, batch_size=128, lr=0.05)
     _, h1 = tfkd.train_model("resnet8", tiny, recipe, seed=5)
     obj = tfkd.TfKDRegularization()
-    model, h2 = tfkd.train_model("resnet8", tiny, recipe, obj, seed=5)
+    run = tfkd.train_model("resnet8", tiny, recipe, obj, seed=5, eval_every=None)
+    assert isinstance(run, train.Run)
+    model, h2 = run  # unpacks like the old (model, history) tuple
     (w1, o1), (w2, o2) = seen
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert o1 is None and o2 is obj
-    assert len(h2) == 1 and h1.meta["objective"] == "CrossEntropy" and h2.meta["objective"] == "TfKDRegularization"
+    assert len(h2) == 2 and h1.meta["objective"] == "CrossEntropy" and h2.meta["objective"] == "TfKDRegularization"
+    assert {"train_ce", "train_reg"} <= set(h2.records[0]) and "train_reg" not in h1.records[0]
+    assert all(r["train_loss"] == pytest.approx(0.9 * r["train_ce"] + 0.1 * r["train_reg"], rel=1e-4)
+               for r in h2.records)
+    assert math.isnan(h2["test_acc"][0]) and not math.isnan(h2.final("test_acc"))  # eval_every reached fit
+    assert not math.isnan(h1["test_acc"][0])
     assert not model.training
 
 
@@ -278,7 +313,7 @@ def test_tfkd_self_trains_a_teacher_then_a_fresh_student(tiny):
     recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
     out = tfkd.tfkd_self("resnet8", tiny, recipe, seed=1, temperature=2.0, alpha=0.5)
     assert out.teacher_history is not None and len(out.history) == 1
-    assert out.history.meta["objective"] == "Distillation"
+    assert out.history.meta["objective"] == "Distillation" and "train_kd" in out.history.records[0]
     assert not any(p.requires_grad for p in out.teacher.parameters()) and not out.teacher.training
     assert out.student is not out.teacher
     # the student started from the same seed but learned with another loss: different weights
@@ -287,11 +322,12 @@ def test_tfkd_self_trains_a_teacher_then_a_fresh_student(tiny):
 
 
 def test_tfkd_self_with_a_given_teacher_leaves_it_untouched(tiny):
-    recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
+    recipe = Recipe(epochs=2, batch_size=256, lr=0.05)
     teacher = create_model("resnet8", tiny.num_classes)  # any network of the right shape will do here
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    out = tfkd.tfkd_self("resnet8", tiny, recipe, seed=2, teacher=teacher)
+    out = tfkd.tfkd_self("resnet8", tiny, recipe, seed=2, teacher=teacher, eval_every=None)
     assert out.teacher_history is None and out.teacher is not teacher
+    assert math.isnan(out.history["test_acc"][0]) and not math.isnan(out.history.final("test_acc"))  # fit got eval_every
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert all(p.requires_grad for p in teacher.parameters())  # the caller's model is not frozen
 
