@@ -2,14 +2,19 @@
 
 Two formatters for every chapter: :func:`results_table` (one number per run, our column
 beside the papers' columns) and :func:`metrics_table` (several metrics per run, one column
-each). Both return Markdown text; a notebook shows it with ``IPython.display.Markdown``.
+each). Both return Markdown text; a chapter shows its table with :func:`show_results`, which
+also stores it for the book's results page -- without needing the book's packages, so the
+same cell runs on Colab and on a bare GPU machine.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Mapping, Sequence, Union
 
-__all__ = ["mean_std", "format_mean_std", "results_table", "metrics_table"]
+__all__ = ["mean_std", "format_mean_std", "results_table", "metrics_table", "show_results", "GLUE_PREFIX"]
+
+#: the MIME prefix under which myst-nb's ``glue(..., display=False)`` stores a value in a cell's outputs
+GLUE_PREFIX = "application/papermill.record/"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -81,3 +86,27 @@ def metrics_table(
             cells.append(text if text is not None else format_mean_std(values, d) if values else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def show_results(key: str, table: str, *, display: bool = True) -> None:
+    """Show a chapter's results ``table`` (Markdown) and store it under ``key`` for the book.
+
+    The stored copy is the output that myst-nb's ``glue(key, Markdown(table), display=False)``
+    writes (a hidden MIME bundle tagged ``scrapbook``), produced here with IPython alone: the
+    results page pastes it with ``{glue} key`` and ``:doc:``, and no notebook needs ``myst_nb``
+    (which Colab and the publishing machine do not have). Outside IPython it prints the table.
+    """
+    if not isinstance(key, str) or not key.isidentifier():
+        raise ValueError(f"key must be an identifier-like name (letters, digits, _), got {key!r}")
+    if not isinstance(table, str):
+        raise TypeError(f"table must be Markdown text, got {type(table).__name__}")
+    try:
+        from IPython.display import Markdown
+        from IPython.display import display as ipy_display
+    except ImportError:  # pragma: no cover - IPython comes with every notebook kernel
+        print(table)
+        return
+    if display:
+        ipy_display(Markdown(table))
+    ipy_display({GLUE_PREFIX + "text/markdown": table, GLUE_PREFIX + "text/plain": table}, raw=True,
+                metadata={"scrapbook": {"name": key, "mime_prefix": GLUE_PREFIX}})

@@ -41,3 +41,27 @@ def test_metrics_table_formats_columns_scales_extra_and_missing():
     assert lines[3] == "| b | – | 50.00 (n=1) | – |"
     custom = metrics_table(rows, ["acc"], cell=lambda key, values: "x" if max(values) > 60 else None)
     assert custom.splitlines()[2:] == ["| a | x |", "| b | 50.00 (n=1) |"]
+
+
+def test_show_results_stores_what_myst_nb_glue_stores(monkeypatch):
+    """The hidden output is myst-nb's glue format, made without importing myst_nb."""
+    import IPython.display
+
+    from minidistill.report import GLUE_PREFIX, show_results
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append((a, k)))
+    show_results("demo_results", "| a | b |\n|---|---|\n| 1 | 2 |")
+    (visible, _), (bundle, kw) = shown
+    assert visible[0].data.startswith("| a | b |")
+    assert bundle[0][GLUE_PREFIX + "text/markdown"].endswith("| 1 | 2 |")
+    assert kw == {"raw": True, "metadata": {"scrapbook": {"name": "demo_results", "mime_prefix": GLUE_PREFIX}}}
+    try:
+        from myst_nb.ext.glue import GLUE_PREFIX as theirs
+    except ImportError:
+        theirs = GLUE_PREFIX
+    assert theirs == GLUE_PREFIX
+    with pytest.raises(ValueError, match="key"):
+        show_results("not a key", "x")
+    with pytest.raises(TypeError, match="table"):
+        show_results("k", 3)
