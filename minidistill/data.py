@@ -7,6 +7,7 @@ the device, per sample but batched: there is no per-image Python work and no wor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,31 @@ class Dataset:
     y_val: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
     def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"classes must name at least 2 classes, got {self.classes!r}")
         for split in ("train", "test", "val"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.dtype != torch.uint8 or x.ndim != 4 or (len(x) and x.shape[1] != 3):
                 raise ValueError(f"x_{split} must be uint8 [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (len(x),):
                 raise ValueError(f"y_{split} must be int64 [{len(x)}], got {y.dtype} {tuple(y.shape)}")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
+                raise ValueError(f"y_{split} must hold class indices in [0, {len(self.classes)}) for the "
+                                 f"{len(self.classes)} classes named, got labels from {int(y.min())} to {int(y.max())}")
+
+    def digest(self) -> str:
+        """A short hash of the training images and labels: what a cached teacher is keyed by, so
+        that another split of the same data never serves a teacher trained on other images.
+        Computed once per data set (read-only afterwards: do not edit the tensors in place)."""
+        cached = self.__dict__.get("_digest")
+        if cached is None or cached[0] is not self.x_train or cached[1] is not self.y_train:
+            h = hashlib.sha1()
+            for t in (self.x_train, self.y_train):
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            cached = (self.x_train, self.y_train, h.hexdigest()[:12])
+            self.__dict__["_digest"] = cached
+        return cached[2]
 
     @property
     def num_classes(self) -> int:
@@ -85,6 +105,9 @@ def make_shapes(n_train: int = 5000, n_test: int = 1000, size: int = 16, seed: i
     teacher's soft targets carry real "dark knowledge" even here. Colours, positions, sizes
     and noise are random; the same ``seed`` always gives the same images.
     """
+    for name, value, least in (("n_train", n_train, 1), ("n_test", n_test, 0), ("size", size, 8), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     rng = np.random.default_rng(seed)
     n = n_train + n_test
     labels = np.arange(n) % 10
@@ -123,6 +146,11 @@ def make_shapes(n_train: int = 5000, n_test: int = 1000, size: int = 16, seed: i
 
 
 def _from_npz(path: Path, name: str) -> Dataset:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (np.savez writes one); remove it or replace it with "
+                         "uint8 NHWC x_train, x_test and int64 y_train, y_test")
     with np.load(path, allow_pickle=False) as f:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
         if missing:
@@ -139,6 +167,10 @@ def _from_npz(path: Path, name: str) -> Dataset:
             raise ValueError(f"{path}: {k} must be 1-D integer class labels, got {arrays[k].dtype} {arrays[k].shape}")
     ys = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
     num_classes = {"cifar10": 10, "cifar100": 100}.get(name, int(ys["y_train"].max()) + 1)
+    for k, y in ys.items():
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"{path}: {k} must hold class indices in [0, {num_classes}) for {name}, got labels "
+                             f"from {int(y.min())} to {int(y.max())}")
     classes = classes or tuple(str(i) for i in range(num_classes))
     mean, std = _CIFAR_STATS.get(name) or _stats(xs["x_train"])
     return Dataset(name, xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"], classes, mean, std)

@@ -389,7 +389,8 @@ def fast_teacher(dataset: str | Dataset = "cifar10", *, seed: int = 0, profile: 
     """A :class:`FastNet` teacher at the profile's size, from the cache or trained now and cached.
 
     The checkpoint lives in ``<root>/checkpoints/`` under a name made of the data set, its
-    number of training images, the profile, the seed and a hash of the recipe; see
+    number of training images and a digest of them, the profile, the seed and a hash of the
+    recipe; see
     :func:`~minidistill.train.load_or_train` for what makes a cached file valid.
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
@@ -397,11 +398,10 @@ def fast_teacher(dataset: str | Dataset = "cifar10", *, seed: int = 0, profile: 
     recipe = {**_RECIPE, **_PROFILE_SETTINGS[prof.name]}
     recipe["widths"], recipe["batch_size"] = list(recipe["widths"]), min(recipe["batch_size"], len(data.x_train))
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    meta = {"model": "FastNet", "dataset": data.name, "n_train": len(data.x_train), "profile": prof.name,
-            "seed": seed, "recipe": recipe}
+    meta = {"model": "FastNet", "dataset": data.name, "n_train": len(data.x_train), "data_digest": data.digest(),
+            "profile": prof.name, "seed": seed, "recipe": recipe}
     folder = data_root(root) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"fastnet-{data.name}{len(data.x_train)}-{prof.name}-s{seed}-{key}.pt"
+    path = folder / f"fastnet-{data.name}{len(data.x_train)}-{data.digest()[:8]}-{prof.name}-s{seed}-{key}.pt"
     dev = get_device(device) if device is not None else prof.device
     seed_everything(seed)
     model = FastNet(data.num_classes, recipe["widths"])

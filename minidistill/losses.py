@@ -94,7 +94,9 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
             check_inputs: bool = True) -> torch.Tensor:
-    r"""Hinton's soft-target loss, scaled so its gradient does not shrink with $T$:
+    r"""Hinton's soft-target loss, scaled by $T^2$ so that, at high $T$, its gradient keeps
+    the same scale as $T$ grows (the gradient of the KL alone shrinks like $1/T^2$ there; at
+    low $T$ the scaled gradient still changes with $T$, see chapter 1):
 
     $$\mathcal L_\mathrm{KD} = T^2 \, \frac1N \sum_{n=1}^N
       \mathrm{KL}\big(\mathrm{softmax}(v_n/T) \,\|\, \mathrm{softmax}(z_n/T)\big)$$
@@ -155,8 +157,13 @@ class Objective(nn.Module):
     whole run), ``steps_per_epoch`` and ``total_steps``, so a schedule (a warm-up, a decaying
     weight) reads :attr:`progress` instead of counting calls; a resumed run sees the same
     values. Learnable parts of an objective (a regressor, say) are trained with the model;
-    state that must survive a resume goes in parameters or buffers.
+    state that must survive a resume goes in parameters or buffers (``register_buffer``), which
+    checkpoints keep; an objective with other state sets ``resumable = False``.
     """
+
+    #: whether a checkpoint holds all of this objective's state (its parameters and buffers); an
+    #: objective with state outside them sets it False and ``fit`` refuses to resume it
+    resumable: bool = True
 
     def __init__(self) -> None:
         super().__init__()

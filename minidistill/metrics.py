@@ -16,32 +16,45 @@ import torch
 
 __all__ = ["accuracy", "nll", "brier_score", "expected_calibration_error", "reliability_curve",
            "fit_temperature", "pairwise_kl", "diversity_by_confidence", "deep_ensemble_equivalent",
-           "auroc"]
+           "auroc", "linear_cka"]
 
 
-def _check(probs: torch.Tensor, targets: torch.Tensor, need_probs: bool = True) -> None:
-    if probs.ndim != 2:
-        raise ValueError(f"expected [N, K] scores, got shape {tuple(probs.shape)}")
+def _check(probs: torch.Tensor, targets: torch.Tensor, need_probs: bool = True, name: str = "probs") -> None:
+    for arg, value in ((name, probs), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"{name} must be [N, K] scores with K >= 2 classes, got shape {tuple(probs.shape)}")
+    if len(probs) == 0:
+        raise ValueError(f"{name} is empty (0 rows): there is nothing to score")
     if targets.ndim != 1 or len(targets) != len(probs):
         raise ValueError(f"targets must be [N={len(probs)}] class indices, got shape {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point:
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets must be integer class indices, got {targets.dtype}")
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= probs.shape[1]:
+        raise ValueError(f"targets must be class indices in [0, {probs.shape[1]}) for {name} of {probs.shape[1]} "
+                         f"classes, got values from {lo} to {hi}")
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"{name} must be finite (got NaN or inf)")
     if need_probs:
         sums = probs.double().sum(-1)
         if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-            raise ValueError("probs must be non-negative rows that sum to one (did you pass logits? use "
+            raise ValueError(f"{name} must be non-negative rows that sum to one (did you pass logits? use "
                              f".softmax(-1)); row sums range {sums.min().item():.4g}..{sums.max().item():.4g}")
 
 
 def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy in percent; ``scores`` may be logits or probabilities."""
-    _check(scores, targets, need_probs=False)
+    _check(scores, targets, need_probs=False, name="scores")
     return 100.0 * (scores.argmax(-1) == targets).double().mean().item()
 
 
 def nll(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-12) -> float:
     r"""Mean negative log-likelihood $-\frac1N\sum_n \log p_{n,y_n}$ (clamped at ``eps``)."""
     _check(probs, targets)
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got {eps!r}")
     p = probs.double().gather(1, targets.view(-1, 1)).squeeze(1)
     return -p.clamp_min(eps).log().mean().item()
 
@@ -95,7 +108,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, bounds: tuple[f
     the sign of its derivative $\frac1N\sum_n (\mathbb E_{\mathrm{softmax}(\beta z_n)}[z_n] - z_{n,y_n})$;
     the result is clipped to ``bounds``.
     """
-    _check(logits, targets, need_probs=False)
+    _check(logits, targets, need_probs=False, name="logits")
     lo_t, hi_t = bounds
     if not 0 < lo_t < hi_t:
         raise ValueError(f"bounds must be 0 < low < high, got {bounds!r}")
@@ -229,3 +242,42 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = mid_rank[inverse]
     u = ranks[pos].sum().item() - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    r"""Linear centred kernel alignment (Kornblith et al., 2019) between two representations of
+    the same $n$ inputs, ``x`` ``[n, d1]`` and ``y`` ``[n, d2]`` (flatten feature maps first):
+
+    $$\mathrm{CKA}(X, Y) = \frac{\lVert \tilde Y^\top \tilde X \rVert_F^2}
+      {\lVert \tilde X^\top \tilde X \rVert_F \, \lVert \tilde Y^\top \tilde Y \rVert_F}$$
+
+    with $\tilde X, \tilde Y$ the column-centred matrices. 1 for representations that differ by
+    an orthogonal map and an isotropic scaling (and a translation); not invariant to a general
+    invertible linear map. Computed in float64, from the $d \times d$ cross-covariances or, when
+    $n$ is smaller than the widths, from the equivalent $n \times n$ Gram matrices.
+    """
+    for arg, value in (("x", x), ("y", y)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{arg} must be a tensor, got {type(value).__name__}")
+        if value.ndim != 2:
+            raise ValueError(f"{arg} must be an [n, d] matrix of features (flatten feature maps first: "
+                             f"f.flatten(1)), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{arg} must be a floating-point tensor, got {value.dtype}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{arg} must be finite (got NaN or inf)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must describe the same inputs (same number of rows), got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        raise ValueError(f"linear_cka needs at least 2 inputs (rows) to centre, got {len(x)}")
+    xc = x.detach().double().cpu()
+    yc = y.detach().double().cpu()
+    xc, yc = xc - xc.mean(0, keepdim=True), yc - yc.mean(0, keepdim=True)
+    if len(xc) < min(xc.shape[1], yc.shape[1]):   # Gram form: <Kx, Ky> = ||Y^T X||_F^2 (the same number)
+        kx, ky = xc @ xc.T, yc @ yc.T
+        cross, norm_x, norm_y = (kx * ky).sum(), kx.norm(), ky.norm()
+    else:
+        cross, norm_x, norm_y = (yc.T @ xc).square().sum(), (xc.T @ xc).norm(), (yc.T @ yc).norm()
+    if norm_x == 0 or norm_y == 0:
+        raise ValueError("linear_cka is undefined for a constant representation (every row the same)")
+    return (cross / (norm_x * norm_y)).item()

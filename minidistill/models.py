@@ -69,16 +69,29 @@ class _Staged(nn.Module):
         return x
 
 
+def _check_num_classes(kind: str, num_classes: object) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"{kind} num_classes must be an int >= 2, got {num_classes!r}")
+
+
+def _check_widths(kind: str, widths: object, n: int) -> tuple[int, ...]:
+    if (isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or len(widths) != n
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
+        raise ValueError(f"{kind} widths must be {n} positive ints, got {widths!r}")
+    return tuple(widths)
+
+
 class CifarResNet(_Staged):
     """The CIFAR ResNet of He et al. (2016) in RepDistiller's form: depth = 6n + 2,
     widths ``(stem, layer1, layer2, layer3)``; 32x32 inputs end as 8x8 maps."""
 
     def __init__(self, depth: int, widths: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth!r}")
+        w0, w1, w2, w3 = _check_widths("CifarResNet", widths, 4)
+        _check_num_classes("CifarResNet", num_classes)
         n = (depth - 2) // 6
-        w0, w1, w2, w3 = widths
         self.stem = nn.Sequential(*_conv_bn(3, w0), nn.ReLU())
         self.layer1 = _stage(BasicBlock, w0, w1, n, 1)
         self.layer2 = _stage(BasicBlock, w1, w2, n, 2)
@@ -94,8 +107,11 @@ class WideResNet(_Staged):
 
     def __init__(self, depth: int, widen: int, num_classes: int) -> None:
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"Wide ResNet depth must be 6n+4, got {depth}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"Wide ResNet depth must be 6n+4 with n >= 1 (10, 16, 22, ...), got {depth!r}")
+        if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
+            raise ValueError(f"Wide ResNet widen must be a positive int, got {widen!r}")
+        _check_num_classes("WideResNet", num_classes)
         n, w = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
         self.stem = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
         self.layer1 = _stage(PreActBlock, w[0], w[1], n, 1)
@@ -122,8 +138,8 @@ class PlainCNN(_Staged):
         super().__init__()
         if not isinstance(depth, int) or depth < 4:
             raise ValueError(f"PlainCNN depth (number of conv layers) must be an int >= 4, got {depth!r}")
-        if len(widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in widths):
-            raise ValueError(f"PlainCNN widths must be three positive ints (w1, w2, w3), got {widths!r}")
+        _check_widths("PlainCNN", widths, 3)
+        _check_num_classes("PlainCNN", num_classes)
         per_stage = self.convs_per_stage(depth)
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
@@ -180,14 +196,22 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes)
 
 
+def _require_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} "
+                        f"(build one with create_model(name, num_classes))")
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters."""
+    _require_module(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def feature_names(model: nn.Module) -> list[str]:
     """The names of the model's top-level stages, in forward order, e.g. ``['stem', 'layer1',
     ..., 'fc']``. Any module path (``'layer2.0.body'``) also works with :func:`feature_extractor`."""
+    _require_module(model)
     return [name for name, _ in model.named_children()]
 
 

@@ -24,6 +24,11 @@ def plot_history(histories, metrics: Sequence[str] = ("train_loss", "test_acc"),
 
     if isinstance(histories, History):
         histories = {histories.meta.get("model", "model"): histories}
+    if not isinstance(histories, Mapping):
+        raise TypeError(f"histories must be a History or a {{label: History or [History, ...]}} mapping, "
+                        f"got {type(histories).__name__}")
+    if not histories:
+        raise ValueError("histories is empty: pass at least one History to plot")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for i, (label, hs) in enumerate(histories.items()):
@@ -52,7 +57,16 @@ def plot_soft_targets(
     ax=None,
 ):
     """Bar chart of ``softmax(logits / T)`` for each temperature, side by side per class."""
-    logits = torch.as_tensor(logits, dtype=torch.float32).flatten()
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    if logits.dim() == 2 and logits.shape[0] == 1:
+        logits = logits[0]
+    if logits.dim() != 1 or len(logits) < 2:
+        raise ValueError(f"logits must be one example's logits, shape (K,) with K >= 2, got shape "
+                         f"{tuple(logits.shape)} (pick one row, e.g. logits[0])")
+    temperatures = list(temperatures)
+    if not temperatures or not all(isinstance(t, (int, float)) and t > 0 and t == t and t != float("inf")
+                                   for t in temperatures):
+        raise ValueError(f"temperatures must be finite positive numbers, got {temperatures!r}")
     k = len(logits)
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
@@ -78,6 +92,8 @@ def plot_reliability(results: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n
     perfect calibration. Labels get their ECE appended."""
     from .metrics import expected_calibration_error
 
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError("results must be a non-empty {label: (probs, targets)} mapping")
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     for label, (probs, targets) in results.items():

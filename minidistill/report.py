@@ -9,7 +9,7 @@ same cell runs on Colab and on a bare GPU machine.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 __all__ = ["mean_std", "format_mean_std", "results_table", "metrics_table", "show_results", "GLUE_PREFIX"]
 
@@ -19,17 +19,30 @@ GLUE_PREFIX = "application/papermill.record/"
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
-    values = [float(v) for v in values]
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (Sequence, Iterable)):
+        raise TypeError(f"values must be a sequence of numbers, got {type(values).__name__}")
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"values must be numbers ({e})") from e
     if not values:
         raise ValueError("mean_std needs at least one value")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"mean_std needs finite values, got {values} (a diverged run? drop or fix it)")
     m = sum(values) / len(values)
     if len(values) == 1:
         return m, 0.0
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def _check_digits(digits: object) -> None:
+    if not isinstance(digits, int) or isinstance(digits, bool) or not 0 <= digits <= 10:
+        raise ValueError(f"digits must be an int from 0 to 10, got {digits!r}")
+
+
 def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
     """``'88.50 ± 0.20 (n=3)'``; a single value prints without ± and says n=1."""
+    _check_digits(digits)
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{m:.{digits}f} (n=1)"
 
@@ -42,7 +55,12 @@ def results_table(
 ) -> str:
     """A Markdown table: one row per method, our mean ± std, then one column per source of
     reported numbers (``{source: {method: text}}``; '–' where a source has no number)."""
+    if not isinstance(rows, Mapping):
+        raise TypeError(f"rows must map each method to its values, got {type(rows).__name__}")
     reported = reported or {}
+    if not isinstance(reported, Mapping) or not all(isinstance(v, Mapping) for v in reported.values()):
+        raise TypeError("reported must map each source to {method: text}, e.g. "
+                        "{'Hinton et al. (2015), Table 1': {'KD': '...'}}")
     header = ["method", ours, *reported]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in rows.items():
@@ -72,6 +90,19 @@ def metrics_table(
     text}}``, e.g. parameter counts). ``cell(key, values)`` may return the text of a cell to
     override the default (``None`` keeps it). A method without a key shows '–'.
     """
+    if not isinstance(rows, Mapping) or not all(
+            isinstance(r, Sequence) and not isinstance(r, (str, Mapping)) for r in rows.values()):
+        raise TypeError("rows must map each method to a list of score dicts (one per run)")
+    if isinstance(columns, (str, bytes)):
+        raise TypeError(f"columns must be a sequence of keys or a mapping, not the string {columns!r} "
+                        f"(write [{columns!r}])")
+    _check_digits(digits)
+    for k, v in (columns.items() if isinstance(columns, Mapping) else ()):
+        if not isinstance(v, str) and (not isinstance(v, (tuple, list)) or not 1 <= len(v) <= 3
+                                       or not isinstance(v[0], str)
+                                       or (len(v) > 1 and not isinstance(v[1], (int, float)))):
+            raise TypeError(f"columns[{k!r}] must be a header or (header, scale[, digits]) with a "
+                            f"numeric scale, got {v!r}")
     spec = {k: (k, 1.0, digits) for k in columns} if not isinstance(columns, Mapping) else {
         k: (v, 1.0, digits) if isinstance(v, str) else (tuple(v) + (1.0, digits)[len(v) - 1:])[:3]
         for k, v in columns.items()}

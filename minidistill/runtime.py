@@ -1,9 +1,13 @@
-"""Where and how big: the profile (smoke | course | paper), the device, and seeding; plus the
-two notebook helpers every chapter uses (the banner, and whether an exercise was attempted).
+"""Where and how big: the profile (smoke | course | paper), the device, the CPU thread count and
+seeding; plus the two notebook helpers every chapter uses (the banner, and whether an exercise
+was attempted).
 
 ``MINIDISTILL_PROFILE`` chooses the size of every experiment; ``auto`` (the default) picks
 ``course`` when a GPU is present and ``smoke`` otherwise. Notebooks read one :class:`Profile`
 and pick their sizes from it with :meth:`Profile.pick`.
+
+``MINIDISTILL_THREADS`` chooses how many threads torch computes with on the CPU; it is applied
+once per process, when the profile is first read (:func:`cpu_threads` says what is chosen).
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ __all__ = [
     "get_profile",
     "get_device",
     "device_name",
+    "SMOKE_THREADS",
+    "cpu_threads",
+    "apply_threads",
     "seed_everything",
     "data_root",
     "show_progress",
@@ -31,6 +38,15 @@ __all__ = [
 ]
 
 PROFILES = ("smoke", "course", "paper")
+
+#: torch threads for a smoke-profile run on the CPU when ``MINIDISTILL_THREADS`` is not set.
+#: Measured with ``benchmarks/cpu_threads.py`` on 2-core machines (one resnet8 epoch on 5000
+#: shapes images, batch 128, medians): quiet, one thread is about as fast as two (3.2 s, 3.0 s);
+#: beside other jobs two threads lose most of their time waiting for each other (4.3 s against
+#: 25.9 s, worst 74.7 s; ``benchmarks/results/cpu_threads.json``; README, "CPU threads").
+SMOKE_THREADS = 1
+
+_threads_applied = False
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -51,7 +67,8 @@ def device_name(device: str | torch.device | None = None) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,45 @@ def get_profile(name: str | None = None, device: str | torch.device | None = Non
             f"unknown profile {name!r} (from MINIDISTILL_PROFILE or the argument); "
             f"expected one of {PROFILES} or 'auto'"
         )
-    return Profile(name, dev)
+    profile = Profile(name, dev)
+    global _threads_applied
+    if not _threads_applied:  # once per process: a later torch.set_num_threads of yours stays
+        apply_threads(profile)
+        _threads_applied = True
+    return profile
+
+
+def cpu_threads(profile: Profile) -> int | None:
+    """How many threads torch should compute with on the CPU for ``profile``, or None to leave
+    torch's own choice (one per core, or ``OMP_NUM_THREADS``).
+
+    ``MINIDISTILL_THREADS`` (a positive integer) always wins. Unset or ``auto``: a smoke-profile
+    run on the CPU uses :data:`SMOKE_THREADS`, unless ``OMP_NUM_THREADS`` is set (then torch
+    already follows it); every other case is left to torch.
+    """
+    text = os.environ.get("MINIDISTILL_THREADS", "").strip().lower()
+    if text not in ("", "auto"):
+        try:
+            threads = int(text)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"MINIDISTILL_THREADS must be a positive integer or 'auto', got {text!r}")
+        return threads
+    if profile.name == "smoke" and profile.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        return SMOKE_THREADS
+    return None
+
+
+def apply_threads(profile: Profile) -> int:
+    """Set torch's CPU thread count as :func:`cpu_threads` chooses; return the count in use.
+
+    :func:`get_profile` calls it once per process, the first time a profile is read.
+    """
+    threads = cpu_threads(profile)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

@@ -74,10 +74,23 @@ class Recipe:
     optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        def number(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (number(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
         if self.optimizer not in ("sgd", "adam"):
@@ -146,7 +159,7 @@ def autocast_dtype(device: torch.device, amp: bool | str = "auto") -> torch.dtyp
     that compute in it natively (Ampere and newer), float16 (with a GradScaler) on older ones
     such as Colab's T4 -- where bfloat16 would only be emulated, and slowly -- and ``None``
     (full precision) on the CPU. ``amp=True`` forces mixed precision, ``False`` turns it off."""
-    if amp not in (True, False, "auto"):
+    if not (amp is True or amp is False or (isinstance(amp, str) and amp == "auto")):
         raise ValueError(f"amp must be True, False or 'auto', got {amp!r}")
     if amp == "auto":
         amp = device.type == "cuda"
@@ -226,14 +239,20 @@ def evaluate(
     return _scores(logits, data.split(split)[1].to(logits.device))
 
 
-def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The objective's own learnable state (a regressor, say), leaving frozen teachers out."""
-    keep = {}
+def _objective_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the objective: its own parameters and buffers and those of its
+    submodules (a regressor, a replay buffer), leaving out frozen networks -- a
+    :class:`~minidistill.losses.TeacherObjective`'s teacher, or any submodule whose parameters
+    are all frozen -- which the caller supplies again on resume."""
+    from .losses import TeacherObjective
+
+    skip = []
     for name, module in objective.named_children():
-        if any(p.requires_grad for p in module.parameters()):
-            keep.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-    keep.update({k: v for k, v in objective.named_parameters(recurse=False)})
-    return keep
+        params = list(module.parameters())
+        frozen = params and not any(p.requires_grad for p in params)
+        if frozen or (isinstance(objective, TeacherObjective) and name == "teacher"):
+            skip.append(name + ".")
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith(tuple(skip))}
 
 
 def _make_schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
@@ -290,6 +309,60 @@ def _differences(saved: Any, now: dict[str, Any]) -> str:
                 diffs += [f"{k}.{f}: checkpoint {a.get(f)!r} vs now {b.get(f)!r}"
                           for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)][:5]
     return "; ".join(diffs)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: what a checkpoint stores (JSON-like, loadable with weights_only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
+    """A checkpoint's contents (tensors and plain data only: ``weights_only=True``), or None with a
+    warning when the file is damaged -- it is then moved aside to ``<name>.damaged`` and training
+    starts from scratch."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            raise ValueError("not a minidistill training checkpoint")
+        return state
+    except Exception as e:  # truncated, corrupt, or not ours
+        damaged = path.with_name(path.name + ".damaged")
+        warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); moved it to "
+                      f"{damaged.name} and training from the start", stacklevel=3)
+        os.replace(path, damaged)
+        return None
+
+
+def _check_outputs(model: nn.Module, example: torch.Tensor, data: Dataset) -> None:
+    """Fail before training when a classifier has fewer outputs than the data has classes."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception:  # a model whose forward needs more than images: let the objective decide
+        return
+    finally:
+        model.train(was)
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] < data.num_classes:
+        raise ValueError(f"the model gives {out.shape[1]} outputs but {data.name!r} has {data.num_classes} classes "
+                         f"(labels up to {int(data.y_train.max())}): build it with num_classes={data.num_classes}")
+
+
+def _check_finite_parameters(model: nn.Module, objective: nn.Module, epoch: int, path: Path | None) -> None:
+    """One reduction over every trainable tensor at the end of an epoch: a NaN or inf from the
+    epoch's last steps is caught before anything is written (the loss check alone misses a
+    non-finite gradient whose step made the weights non-finite)."""
+    tensors = [p.detach() for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
+    tensors += [b.detach() for b in model.buffers() if b.is_floating_point()]
+    if tensors and not bool(torch.isfinite(torch.stack([t.float().sum() for t in tensors])).all()):
+        raise TrainingDiverged(
+            f"the weights became NaN or infinite in epoch {epoch + 1} (a non-finite gradient); nothing was saved"
+            + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
+            + " Lower the learning rate or check the objective.")
 
 
 def fit(
@@ -352,7 +425,16 @@ def fit(
         raise ValueError(f"eval_every must be an int >= 1 or None, got {eval_every!r}")
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be a minidistill Dataset, got {type(data).__name__}")
     recipe = recipe or Recipe()
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a train.Recipe, got {type(recipe).__name__}")
+    if recipe.batch_size > len(data.x_train):
+        raise ValueError(f"recipe.batch_size {recipe.batch_size} is larger than the training set of {data.name!r} "
+                         f"({len(data.x_train)} images): every epoch would be one short batch")
     objective = objective if objective is not None else CrossEntropy(recipe.label_smoothing)
     if not isinstance(objective, nn.Module):
         raise TypeError(f"objective must be an nn.Module (subclass losses.Objective), got {type(objective).__name__}; "
@@ -367,9 +449,10 @@ def fit(
     dtype = autocast_dtype(device, amp)
     loader = DeviceLoader.from_dataset(data, "train", recipe.batch_size, device=device,
                                        channels_last=channels_last, seed=seed)
+    example = loader.normalize(loader.x[:2])
+    _check_outputs(model, example, data)
     if isinstance(objective, Objective):
-        objective.setup(model, loader.normalize(loader.x[:2]), device=device, dtype=dtype,
-                        memory_format=memory_format, compile=compile)
+        objective.setup(model, example, device=device, dtype=dtype, memory_format=memory_format, compile=compile)
     if compile:
         model.compile()
         for m in objective.children():
@@ -379,8 +462,6 @@ def fit(
     eval_loaders = {split: DeviceLoader.from_dataset(data, split, 1024, train=False, device=device,
                                                      channels_last=channels_last)
                     for split in eval_splits if len(getattr(data, f"x_{split}"))}
-    if len(loader) == 0:
-        raise ValueError(f"batch_size {recipe.batch_size} is larger than the training set ({len(data.x_train)})")
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
     opt = _make_optimizer(params, recipe, device)
     sched = _make_schedule(opt, recipe, len(loader))
@@ -396,19 +477,28 @@ def fit(
     start = 0
 
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
-        if state.get("fingerprint") != fingerprint:
+    state = _load_checkpoint(path, device) if path is not None and path.exists() else None
+    if state is not None:
+        if state.get("fingerprint") != _plain(fingerprint):
             raise ValueError(
-                f"checkpoint {path} belongs to another run ({_differences(state.get('fingerprint'), fingerprint)}). "
+                f"checkpoint {path} belongs to another run ({_differences(state.get('fingerprint'), _plain(fingerprint))}). "
                 f"Delete it or choose another checkpoint path."
             )
+        if isinstance(objective, Objective) and not objective.resumable:
+            raise ValueError(f"{type(objective).__name__} keeps state a checkpoint cannot hold, so {path} cannot be "
+                             "resumed exactly; delete it to train from the start")
+        expected, saved = set(_objective_state(objective)), set(state["objective"])
+        if expected != saved:
+            raise ValueError(f"checkpoint {path} holds another objective state (missing {sorted(expected - saved)}, "
+                             f"unexpected {sorted(saved - expected)}); delete it or choose another checkpoint path")
         model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"], strict=False)
+        objective.load_state_dict(state["objective"], strict=False)  # (the frozen teacher is not in it)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = History.from_dict(state["history"])
         start = state["epoch"]
 
@@ -477,13 +567,15 @@ def fit(
                     record[f"{split}_{k}"] = scores.get(k, math.nan)
             record["seconds"] = elapsed
             history.records.append(record)
+            _check_finite_parameters(model, objective, epoch, path)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _save_atomic({
-                    "fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                    "objective": _trainable_state(objective), "optimizer": opt.state_dict(),
+                    "fingerprint": _plain(fingerprint), "epoch": epoch + 1, "model": model.state_dict(),
+                    "objective": _objective_state(objective), "optimizer": opt.state_dict(),
                     "schedule": sched.state_dict(), "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(), "history": history.to_dict(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 }, path)
             if bar is not None:
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_acc")
@@ -550,12 +642,76 @@ class Trained:
     cached: bool
 
 
-def _state_digest(state: dict[str, torch.Tensor]) -> str:
+def _state_digest(state: dict[str, torch.Tensor], extra: Any = None) -> str:
+    """SHA-256 of every tensor (names, dtypes, shapes, bytes) and of ``extra`` (JSON-able: the
+    metadata and the history), so that no stored byte can change unnoticed."""
     h = hashlib.sha256()
     for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+class _CacheLock:
+    """A lock file per cache entry (created with O_CREAT | O_EXCL, holding the owner's pid), so that
+    two processes asking for one uncached teacher train it once: the second waits, then loads it.
+    A lock whose process has died is taken over."""
+
+    def __init__(self, path: Path, poll: float = 0.5) -> None:
+        self.path, self.poll = path.with_name(path.name + ".lock"), poll
+
+    def _stale(self) -> bool:
+        try:
+            pid = int(self.path.read_text() or "0")
+        except (OSError, ValueError):
+            return False  # being written right now: not stale
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
+
+    def __enter__(self) -> "_CacheLock":
+        waited = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not waited:
+                    warnings.warn(f"{self.path.name}: another process is training this model; waiting for it",
+                                  stacklevel=3)
+                    waited = True
+                time.sleep(self.poll)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _writable_folder(folder: Path) -> None:
+    """Fail before training when the cache folder cannot be written, naming it and the way out."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write to the checkpoint folder {folder} ({type(e).__name__}: {e}); choose a writable data "
+            f"root with MINIDISTILL_DATA=/some/folder (or root=...)") from e
 
 
 def pretrained(
@@ -573,22 +729,33 @@ def pretrained(
 ) -> Trained:
     """A model trained with the course recipe, from the cache or trained now and cached.
 
-    The checkpoint lives in ``<root>/checkpoints/`` under a name made of the model, data set,
-    profile, seed and recipe hash. A cached file is used only if it loads, its metadata
-    match and its weights hash to the stored digest; otherwise it is retrained (with a
-    warning), never silently loaded. An interrupted training resumes where it stopped.
+    The checkpoint lives in ``<root>/checkpoints/`` under a name made of the model, the data set
+    (its name, size and a digest of its training images and labels, so another split never
+    shares a teacher), the profile, seed and recipe hash. A cached file is used only if it
+    loads, its metadata match and everything stored hashes to its digest; otherwise it is
+    retrained (with a warning), never silently loaded. An interrupted training resumes where it
+    stopped; two processes asking at once train it once (the second waits for the first).
     ``eval_every`` is passed to :func:`fit` (``None``: score the test split only at the end, for a
     teacher whose curves are not plotted); it does not change the weights, so it is not part of
     the cache key.
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
     recipe = recipe or default_recipe(prof)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a train.Recipe, got {type(recipe).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, root)
-    meta = {"model": name, "dataset": data.name, "n_train": len(data.x_train), "profile": prof.name,
-            "seed": seed, "recipe": dataclasses.asdict(recipe)}
-    folder = data_root(root) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{data.name}{len(data.x_train)}-{prof.name}-s{seed}-{recipe.key()}.pt"
+    meta = {"model": name, "dataset": data.name, "n_train": len(data.x_train), "data_digest": data.digest(),
+            "profile": prof.name, "seed": seed, "recipe": dataclasses.asdict(recipe)}
+    try:
+        folder = data_root(root) / "checkpoints"
+    except OSError as e:   # the root itself cannot be made (a file in the way, no permission)
+        raise PermissionError(
+            f"cannot create the data root {root or os.environ.get('MINIDISTILL_DATA') or '~/.cache/minidistill'} "
+            f"({type(e).__name__}: {e}); choose a writable data root with MINIDISTILL_DATA=/some/folder "
+            f"(or root=...)") from e
+    path = folder / f"{name}-{data.name}{len(data.x_train)}-{data.digest()[:8]}-{prof.name}-s{seed}-{recipe.key()}.pt"
     dev = get_device(device) if device is not None else prof.device
     seed_everything(seed)
     model = create_model(name, data.num_classes)
@@ -604,31 +771,39 @@ def load_or_train(path: Path, meta: dict[str, Any], model: nn.Module, train_fn,
                   device: str | torch.device | None = None) -> Trained:
     """The cache behind :func:`pretrained`, for models it cannot build (an ensemble, say).
 
-    If ``path`` holds a checkpoint whose ``meta`` equals ``meta`` and whose weights hash to the
-    stored digest, its weights are loaded into ``model`` (moved to ``device``, eval mode).
-    Otherwise -- missing, corrupt, truncated, tampered or mismatched, the last four with a
-    warning -- ``train_fn(partial)`` trains ``model`` in place and returns its
-    :class:`History` (``partial`` is the path to pass to :func:`fit` as ``checkpoint``, so an
-    interrupted run resumes), and the result is saved atomically with its digest.
+    If ``path`` holds a checkpoint whose ``meta`` equals ``meta`` and whose contents (weights,
+    metadata, history) hash to the stored digest, its weights are loaded into ``model`` (moved
+    to ``device``, eval mode). Otherwise -- missing, corrupt, truncated, tampered or mismatched,
+    the last four with a warning -- ``train_fn(partial)`` trains ``model`` in place and returns
+    its :class:`History` (``partial`` is the path to pass to :func:`fit` as ``checkpoint``, so an
+    interrupted run resumes), and the result is saved atomically with its digest, unless its
+    weights are not finite. Files are read with ``weights_only=True`` (no code runs on load);
+    a lock file makes concurrent callers train once; the folder must be writable.
     """
-    path = Path(path)
-    if path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if state["meta"] != meta:
-                raise ValueError(f"metadata {state['meta']} differ from {meta}")
-            if _state_digest(state["model"]) != state["digest"]:
-                raise ValueError("weights do not match their stored digest")
-            model.load_state_dict(state["model"])
-            model = model.to(get_device(device)) if device is not None else model
-            return Trained(model.eval(), History.from_dict(state["history"]), path, True)
-        except Exception as e:  # corrupt, truncated or mismatched: retrain
-            warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {e}); retraining", stacklevel=3)
-            path.unlink()
-    partial = path.with_name(path.stem + ".partial.pt")
-    history = train_fn(partial)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _save_atomic({"meta": meta, "model": state, "digest": _state_digest(state),
-                  "history": history.to_dict()}, path)
-    partial.unlink(missing_ok=True)
-    return Trained(model.eval(), history, path, False)
+    path, meta = Path(path), _plain(meta)
+    _writable_folder(path.parent)
+    with _CacheLock(path):
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if state["meta"] != meta:
+                    raise ValueError(f"metadata {state['meta']} differ from {meta}")
+                if _state_digest(state["model"], [state["meta"], state["history"]]) != state["digest"]:
+                    raise ValueError("contents do not match their stored digest")
+                model.load_state_dict(state["model"])
+                model = model.to(get_device(device)) if device is not None else model
+                return Trained(model.eval(), History.from_dict(state["history"]), path, True)
+            except Exception as e:  # corrupt, truncated, tampered or mismatched: retrain
+                warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {str(e)[:300]}); retraining",
+                              stacklevel=3)
+                path.unlink()
+        partial = path.with_name(path.stem + ".partial.pt")
+        history = train_fn(partial)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise TrainingDiverged(f"the trained weights are not finite; nothing was cached at {path}")
+        record = _plain(history.to_dict())
+        _save_atomic({"meta": meta, "model": state, "history": record,
+                      "digest": _state_digest(state, [meta, record])}, path)
+        partial.unlink(missing_ok=True)
+        return Trained(model.eval(), history, path, False)

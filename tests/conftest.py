@@ -22,6 +22,12 @@ import torch  # noqa: E402
 from minidistill.data import Dataset, make_shapes  # noqa: E402
 
 torch.set_num_threads(2)
+# The suite keeps its two threads: the first get_profile() would otherwise apply the smoke
+# default (runtime.SMOKE_THREADS) to the whole process, and tests that compare a run in a child
+# process (two threads) with one here must compute with the same thread count to match bit for bit.
+import minidistill.runtime as _runtime  # noqa: E402
+
+_runtime._threads_applied = True
 
 _HOME_CACHE = Path.home() / ".cache" / "minidistill"
 

@@ -1,6 +1,7 @@
 """minidistill.data: the shapes set, CIFAR from npz / torchvision, splits, the device loader."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -45,7 +46,7 @@ def _id_dataset(n=40, n_test=6, size=4) -> Dataset:
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
     xt = torch.zeros(n_test, 3, size, size, dtype=torch.uint8)
-    return Dataset("ids", x, torch.arange(n), xt, torch.arange(n_test), tuple(map(str, range(n))),
+    return Dataset("ids", x, torch.arange(n), xt, torch.arange(n_test), tuple(map(str, range(max(n, n_test)))),
                    (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
@@ -421,3 +422,41 @@ def test_normalize_matches_the_batches():
     d, loader = _ids_loader(n=8, batch_size=8, train=False)
     xb, _ = next(iter(loader))
     assert torch.equal(loader.normalize(loader.x[:8]), xb)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(n_train=-5), "n_train"), (dict(n_train=0), "n_train"),
+                                           (dict(size=0), "size"), (dict(n_test=-1), "n_test"),
+                                           (dict(n_train=1.5), "n_train"), (dict(seed=-1), "seed")])
+def test_make_shapes_rejects_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_shapes(**kwargs)
+
+
+def test_dataset_rejects_labels_outside_its_classes():
+    x = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"y_train must hold class indices in \[0, 2\).*0 to 8"):
+        Dataset("two", x, torch.tensor([0, 1, 8, 1]), x, torch.tensor([0, 1, 0, 1]), ("a", "b"), (0.5,) * 3, (0.2,) * 3)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        Dataset("one", x, torch.zeros(4, dtype=torch.int64), x, torch.zeros(4, dtype=torch.int64), ("a",),
+                (0.5,) * 3, (0.2,) * 3)
+
+
+def test_npz_with_labels_beyond_its_classes_or_not_a_zip_is_refused(tmp_path, no_download):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar100.npz", x_train=x, y_train=np.array([150, 151, 152, 159]), x_test=x,
+             y_test=np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"y_train must hold class indices in \[0, 100\)"):
+        load_dataset("cifar100", tmp_path)
+    (tmp_path / "cifar10.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_digest_follows_the_training_images_and_labels():
+    a, b = make_shapes(n_train=64, n_test=8), make_shapes(n_train=64, n_test=8)
+    assert a.digest() == b.digest() and len(a.digest()) == 12
+    other = train_val_split(make_shapes(n_train=80, n_test=8), 16, seed=1)
+    assert len(other.x_train) == 64 and other.digest() != a.digest()
+    relabelled = dataclasses.replace(a, y_train=a.y_train.roll(1))
+    assert relabelled.digest() != a.digest()

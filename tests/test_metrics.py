@@ -156,7 +156,7 @@ def test_probability_metrics_reject_logits(fn):
     torch.tensor([[float("nan"), 0.5], [0.5, 0.5]]),  # NaN
 ])
 def test_probability_metrics_reject_non_probabilities(fn, probs):
-    with pytest.raises(ValueError, match="probs must be non-negative rows that sum to one"):
+    with pytest.raises(ValueError, match="probs must be (non-negative rows that sum to one|finite)"):
         fn(probs, torch.tensor([0, 1]))
 
 
@@ -339,3 +339,78 @@ def test_auroc_rejects_bad_input():
 
 def test_auroc_is_exported():
     assert "auroc" in metrics_mod.__all__
+
+
+@pytest.mark.parametrize("fn", [accuracy, nll, brier_score, expected_calibration_error, fit_temperature])
+@pytest.mark.parametrize("targets, match", [(torch.tensor([0, 10]), r"\[0, 2\).*from 0 to 10"),
+                                            (torch.tensor([-1, 0]), r"\[0, 2\)"),
+                                            (torch.tensor([0.0, 1.0]), "integer class indices")])
+def test_metrics_reject_targets_outside_the_classes(fn, targets, match):
+    probs = torch.tensor([[0.3, 0.7], [0.6, 0.4]])
+    with pytest.raises(ValueError, match=match):
+        fn(probs, targets)
+
+
+@pytest.mark.parametrize("fn", [accuracy, nll, brier_score, expected_calibration_error, fit_temperature])
+def test_metrics_reject_an_empty_batch_and_nan_scores(fn):
+    with pytest.raises(ValueError, match="empty"):
+        fn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="finite"):
+        fn(torch.tensor([[float("nan"), 0.5], [0.5, 0.5]]), torch.tensor([0, 1]))
+
+
+# --- linear_cka (chapter 7) -------------------------------------------------------------------
+
+def _cka_by_hsic(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Reference: HSIC with the centring matrix H on the Gram matrices, written out."""
+    n = len(x)
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    kx, ky = h @ (x.double() @ x.double().T) @ h, h @ (y.double() @ y.double().T) @ h
+    return ((kx * ky).sum() / (kx.norm() * ky.norm())).item()
+
+
+def test_linear_cka_of_a_representation_with_itself_is_one_and_matches_the_hsic_form():
+    from minidistill.metrics import linear_cka
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(7, 5, generator=g, dtype=torch.float64) + torch.randn(40, 5, generator=g, dtype=torch.float64)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, y) == pytest.approx(_cka_by_hsic(x, y), rel=1e-10)
+    wide_x, wide_y = torch.randn(6, 50, generator=g), torch.randn(6, 30, generator=g)   # n < d: the Gram branch
+    assert linear_cka(wide_x, wide_y) == pytest.approx(_cka_by_hsic(wide_x, wide_y), rel=1e-9)
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), rel=1e-12)
+
+
+def test_linear_cka_invariances_orthogonal_and_isotropic_but_not_general_linear():
+    from minidistill.metrics import linear_cka
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(8, 6, generator=g, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ q, y) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(3.5 * x + 2.0, y) == pytest.approx(base, rel=1e-10)
+    a = torch.diag(torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 0.1], dtype=torch.float64))    # invertible, not orthogonal
+    assert abs(linear_cka(x @ a, y) - base) > 1e-2
+
+
+@pytest.mark.parametrize("x, y, error, match", [
+    ([[1.0, 2.0]], torch.zeros(1, 2), TypeError, "x must be a tensor"),
+    (torch.zeros(4), torch.zeros(4, 2), ValueError, r"\[n, d\]"),
+    (torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2), ValueError, "floating-point"),
+    (torch.randn(4, 2), torch.randn(5, 2), ValueError, "same number of rows"),
+    (torch.randn(1, 2), torch.randn(1, 2), ValueError, "at least 2"),
+    (torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]), torch.randn(2, 2), ValueError, "finite"),
+    (torch.ones(4, 3), torch.randn(4, 2), ValueError, "constant"),
+])
+def test_linear_cka_rejects_bad_inputs(x, y, error, match):
+    from minidistill.metrics import linear_cka
+
+    with pytest.raises(error, match=match):
+        linear_cka(x, y)
+
+
+def test_linear_cka_is_exported():
+    assert "linear_cka" in metrics_mod.__all__

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import torch
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -150,14 +151,19 @@ def test_course_profile_refuses_to_publish_on_cpu(tmp_path):
 # --- real executions (smoke profile, a kernel each) ----------------------------------------------
 
 def test_publish_writes_outputs_and_metadata_keeping_other_keys(tmp_path):
-    nb = _notebook(tmp_path / "a.ipynb", "import os; print('profile', os.environ['MINIDISTILL_PROFILE'])",
+    nb = _notebook(tmp_path / "a.ipynb", "import os\nfrom minidistill.runtime import device_name, get_profile\n"
+                   "get_profile()\nprint('profile', os.environ['MINIDISTILL_PROFILE'])\nprint(device_name('cpu'))",
                    estimate_s=5, estimate="a guess", teacher_s=0, teacher_group="g")
     report = tmp_path / "report.json"
+    threads = torch.get_num_threads()
     assert publish.main([str(nb), "--profile", "smoke", "--report", str(report)]) == 0
+    assert torch.get_num_threads() == threads          # publishing leaves this process's threads alone
     out = nbformat.read(nb, as_version=4)
-    assert out.cells[0].outputs[0]["text"].strip() == "profile smoke"
+    printed = out.cells[0].outputs[0]["text"].strip().splitlines()
+    assert printed[0] == "profile smoke"
     meta = out.metadata["minidistill"]
-    assert meta["profile"] == "smoke" and meta["wall_s"] >= 0 and "CPU" in meta["device"]
+    assert meta["profile"] == "smoke" and meta["wall_s"] >= 0
+    assert meta["device"] == printed[1]               # the stamp names the threads the kernel used
     assert meta["warm"] is False and len(meta["date"]) == 19 and meta["date"][10] == "T"
     assert meta["estimate"] == "a guess" and meta["teacher_group"] == "g" and "course_runs" not in meta
     rec = json.loads(report.read_text())

@@ -63,6 +63,11 @@ def test_device_name_on_cpu_mentions_threads():
     name = device_name("cpu")
     assert name.startswith("CPU")
     assert f"{torch.get_num_threads()} threads" in name
+    torch.set_num_threads(1)
+    try:
+        assert device_name("cpu") == "CPU (1 thread)"
+    finally:
+        torch.set_num_threads(2)
 
 
 # --- profiles -------------------------------------------------------------------------------
@@ -262,3 +267,71 @@ def test_attempted_lets_other_errors_through():
 def test_attempted_rejects_a_non_function():
     with pytest.raises(TypeError, match="exercise function"):
         attempted(3)
+
+
+# --- CPU threads (MINIDISTILL_THREADS), set once when the profile is first read -------------
+
+@pytest.fixture
+def threads_untouched(monkeypatch):
+    """A process in which no profile has been read yet; torch's thread count restored after."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "_threads_applied", False)
+    monkeypatch.delenv("MINIDISTILL_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_smoke_on_cpu_uses_the_measured_default(threads_untouched, no_accelerator):
+    torch.set_num_threads(2)
+    assert runtime.cpu_threads(get_profile("smoke")) == runtime.SMOKE_THREADS
+    assert torch.get_num_threads() == runtime.SMOKE_THREADS      # get_profile applied it
+
+
+def test_threads_env_var_wins_in_every_profile(threads_untouched, monkeypatch, fake_cuda):
+    monkeypatch.setenv("MINIDISTILL_THREADS", "2")
+    assert runtime.cpu_threads(Profile("course", torch.device("cuda"))) == 2
+    assert runtime.cpu_threads(Profile("smoke", CPU)) == 2
+    monkeypatch.setenv("MINIDISTILL_THREADS", "auto")
+    assert runtime.cpu_threads(Profile("smoke", CPU)) == runtime.SMOKE_THREADS
+
+
+def test_threads_left_to_torch_on_a_gpu_or_when_omp_is_set(threads_untouched, monkeypatch):
+    assert runtime.cpu_threads(Profile("course", torch.device("cuda"))) is None
+    assert runtime.cpu_threads(Profile("smoke", torch.device("cuda"))) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert runtime.cpu_threads(Profile("smoke", CPU)) is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5"])
+def test_bad_threads_value_names_the_variable(threads_untouched, monkeypatch, bad, no_accelerator):
+    monkeypatch.setenv("MINIDISTILL_THREADS", bad)
+    with pytest.raises(ValueError, match="MINIDISTILL_THREADS"):
+        get_profile("smoke")
+    assert runtime._threads_applied is False     # the next read tries again, and says it again
+
+
+def test_threads_are_set_once_per_process(threads_untouched, monkeypatch, no_accelerator):
+    monkeypatch.setenv("MINIDISTILL_THREADS", "1")
+    get_profile("smoke")
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)                     # the user's own choice afterwards stays
+    get_profile("smoke")
+    assert torch.get_num_threads() == 2
+    assert runtime.apply_threads(get_profile("smoke")) == 1    # unless applied explicitly
+
+
+def test_a_fresh_smoke_process_runs_on_the_default_threads():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MINIDISTILL_THREADS", "OMP_NUM_THREADS")}
+    env.update(MINIDISTILL_PROFILE="smoke", CUDA_VISIBLE_DEVICES="")
+    code = ("import torch; from minidistill import runtime; p = runtime.get_profile(); "
+            "print(p.device.type, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    device, threads = out.stdout.split()
+    if device != "cpu":
+        pytest.skip(f"the smoke profile runs on {device} here; the thread default is for the CPU")
+    assert int(threads) == runtime.SMOKE_THREADS

@@ -70,9 +70,14 @@ def test_all_names_exist():
 # --- Recipe and default_recipe --------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(epochs=0), "epochs and batch_size"), (dict(batch_size=0), "epochs and batch_size"),
-    (dict(lr=0.0), "lr must be > 0"), (dict(lr=-0.1), "lr must be > 0"), (dict(lr=float("nan")), "lr"),
-    (dict(schedule="linear"), "schedule must be"),
+    (dict(epochs=0), "epochs must be an int"), (dict(batch_size=0), "batch_size must be an int"),
+    (dict(epochs=1.5), "epochs must be an int"), (dict(epochs=True), "epochs"),
+    (dict(lr=0.0), "lr must be a finite number > 0"), (dict(lr=-0.1), "lr must be"), (dict(lr=float("nan")), "lr"),
+    (dict(lr=float("inf")), "lr"), (dict(momentum=float("nan")), "momentum"), (dict(momentum=-1), "momentum"),
+    (dict(momentum=1.0), "momentum"), (dict(weight_decay=-1), "weight_decay"),
+    (dict(weight_decay=float("inf")), "weight_decay"), (dict(label_smoothing=2), "label_smoothing"),
+    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(nesterov="yes"), "nesterov"),
+    (dict(schedule="linear"), "schedule must be"), (dict(optimizer="lbfgs"), "optimizer"),
 ])
 def test_recipe_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -556,7 +561,7 @@ def test_pretrained_trains_once_then_loads_from_cache(tiny, data_dir, monkeypatc
     first = _pretrained(tiny)
     assert isinstance(first, Trained) and first.cached is False
     assert first.path.parent == data_dir / "checkpoints" and first.path.exists()
-    assert first.path.name == f"resnet8-shapes512-smoke-s0-{ONE_EPOCH.key()}.pt"
+    assert first.path.name == f"resnet8-shapes512-{tiny.digest()[:8]}-smoke-s0-{ONE_EPOCH.key()}.pt"
     assert not list(first.path.parent.glob("*.partial.pt"))  # the resumable copy is cleaned up
     assert len(first.history) == 1 and not first.model.training
 
@@ -830,3 +835,29 @@ def test_score_loader_equals_evaluate(fitted):
     loader = DeviceLoader.from_dataset(data, "test", 50, train=False, device="cpu", channels_last=False)
     got, want = train_mod.score_loader(model, loader), evaluate(model, data)
     assert got["acc"] == pytest.approx(want["acc"]) and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+# --- Colab's T4 path: fp16 + GradScaler where bf16 is not native (no GPU needed) --------------
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+@pytest.mark.parametrize("keyword", [True, False], ids=["torch>=2.5", "older-torch"])
+def test_autocast_dtype_on_cuda_picks_bf16_only_with_native_support(monkeypatch, native, keyword):
+    """A T4 (sm75) has no native bf16, but torch >= 2.5 reports bf16 as supported *with emulation*;
+    ``autocast_dtype`` must ask without emulation, and fall back to the old signature (which
+    reports native support only) where the keyword does not exist."""
+    calls = []
+    if keyword:
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            calls.append(including_emulation)
+            return native or including_emulation      # emulated bf16 is "supported" everywhere
+    else:
+        def is_bf16_supported() -> bool:
+            calls.append(None)
+            return native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda")
+    want = torch.bfloat16 if native else torch.float16
+    assert train_mod.autocast_dtype(cuda, "auto") == want
+    assert train_mod.autocast_dtype(cuda, True) == want
+    assert train_mod.autocast_dtype(cuda, False) is None
+    assert calls and (all(c is False for c in calls) if keyword else all(c is None for c in calls))
