@@ -7,14 +7,14 @@ and raises an ``AssertionError`` with a hint that names the classic mistake when
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..losses import kd_loss, soft_targets
 from ..runtime import attempted
 
-__all__ = ["check_soft_targets", "check_kd_loss", "check_shrink_factor"]
+__all__ = ["check_soft_targets", "check_kd_loss", "check_kd_gradient_limit"]
 
 
 def _cases(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -60,18 +60,44 @@ def check_kd_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
     print("✓ KD loss: correct")
 
 
-def check_shrink_factor(answer: float | None) -> None:
-    """Exercise 3: by what factor does the soft-target gradient *without* T² shrink when T
-    doubles at high temperature? (Measure it with
-    :func:`~minidistill.methods.kd_basics.gradient_norms` if unsure.)"""
+#: exercise 3: one example, K = 3 classes, student logits z and teacher logits v
+LIMIT_EXERCISE = {"z": (2.0, 0.0, 1.0), "v": (5.0, 2.0, -1.0)}
+
+
+def check_kd_gradient_limit(answer: Sequence[float] | torch.Tensor | None) -> None:
+    r"""Exercise 3: for ``LIMIT_EXERCISE``'s one example, the limit as $T \to \infty$ of the
+    gradient of $\mathcal L_\mathrm{KD} = T^2\,\mathrm{KL}(p^t_T \,\|\, p^s_T)$ with respect to
+    the student's logits $z$, as three numbers. The reference is autograd of
+    :func:`~minidistill.losses.kd_loss` at $T = 10^5$ in float64, not the formula."""
     if answer is None or answer is ...:
-        print("… not attempted yet: replace the ... with your number")
+        print("… not attempted yet: replace the ... with your three numbers")
         return
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        raise AssertionError("answer with a number")
-    if abs(answer - 4) < 0.2:
-        print("✓ shrink factor: correct -- the gradient falls as 1/T², so doubling T divides it by 4")
-    elif abs(answer - 2) < 0.2:
-        raise AssertionError("not quite: one factor 1/T comes from the chain rule, another from q - p itself shrinking")
-    else:
-        raise AssertionError("not quite: look at Eq. 4, the gradient scales as 1/(K T²)")
+    try:
+        got = torch.as_tensor(answer, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise AssertionError("answer with three numbers, one per class: a list, a tuple or a tensor") from None
+    if got.numel() != 3 or not torch.isfinite(got).all():
+        raise AssertionError(f"answer with three finite numbers, one per class; got {got.numel()} values")
+    z = torch.tensor(LIMIT_EXERCISE["z"], dtype=torch.float64)[None].requires_grad_(True)
+    v = torch.tensor(LIMIT_EXERCISE["v"], dtype=torch.float64)[None]
+    (want,) = torch.autograd.grad(kd_loss(z, v, 1e5), z)
+    want = want[0]
+    k = len(want)
+    close = lambda a, b: torch.allclose(a, b, atol=2e-3)  # noqa: E731
+    if close(got, want):
+        print(f"✓ KD gradient limit: correct -- {[round(x, 3) for x in want.tolist()]}, the gradient of matching the "
+              f"*centred* logits, (z̄ - v̄)/K: with the T² factor it neither vanishes nor grows")
+        return
+    raw = (z.detach()[0] - v[0]) / k
+    if close(got, torch.zeros(k, dtype=torch.float64)):
+        raise AssertionError("zero is the limit *without* the T² factor (it falls like 1/T²); L_KD has T² in front")
+    if close(got, -want):
+        raise AssertionError("check the sign: the gradient points from the teacher to the student, p^s_T - p^t_T")
+    if close(got, raw):
+        raise AssertionError("that is (z - v)/K, the gradient of matching the raw logits; KD's gradient sums to zero "
+                             "over the classes: centre both logit vectors first (subtract each one's mean)")
+    if close(got, want * k):
+        raise AssertionError("off by a factor K: the limit of T² (p^s_T - p^t_T)/T is (z̄ - v̄)/K, since e^(x/T) ≈ 1 + x/T "
+                             "and the softmax's denominator tends to K")
+    raise AssertionError("not quite: expand e^(x/T) ≈ 1 + x/T in both softmaxes (chapter 1, step 4), then multiply "
+                         "the gradient (p^s_T - p^t_T)/T by T²")

@@ -42,29 +42,45 @@ def check_virtual_teacher(fn: Callable[[torch.Tensor, int, float], torch.Tensor]
     print("✓ virtual teacher: correct")
 
 
+#: the setting of exercise 2: CIFAR-10's ten classes, the official LSR baseline's 0.9, two temperatures
+TAU_EXERCISE = {"num_classes": 10, "correct_prob": 0.9, "temperatures": (1.0, 5.0)}
+
+
 def check_tau_effect(answer: tuple[float, float] | None) -> None:
-    """Exercise 2: predict the correct-class probability of the official target
-    ``softmax(p^d / tau)`` for a = 0.99 and K = 100, at tau = 1 and at tau = 20, as a pair."""
+    """Exercise 2: predict the true-class probability of the official target
+    ``softmax(p^d / T)`` for a = 0.9 and K = 10, at T = 1 and at T = 5, as a pair."""
     if answer is None or answer is ...:
         print("… not attempted yet: replace the ... with your two numbers")
         return
     if not (isinstance(answer, (tuple, list)) and len(answer) == 2 and
             all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)):
-        raise AssertionError("answer with a pair of numbers: (probability at tau = 1, probability at tau = 20)")
+        raise AssertionError("answer with a pair of numbers: (probability at T = 1, probability at T = 5)")
     from ..methods.tfkd import tempered_virtual_teacher
 
+    k, a, temps = TAU_EXERCISE["num_classes"], TAU_EXERCISE["correct_prob"], TAU_EXERCISE["temperatures"]
     y = torch.zeros(1, dtype=torch.int64)
-    want = [tempered_virtual_teacher(y, 100, 0.99, t)[0, 0].item() for t in (1.0, 20.0)]
-    p1, p20 = (float(v) for v in answer)
-    if p1 > 0.5:
-        raise AssertionError("not quite: tau = 1 leaves *logits* unchanged, but the code feeds probabilities to "
-                             "the softmax as if they were logits. Logits 0.99 and 0.0001 differ by less than 1, "
-                             "so exp() makes them almost equal")
-    if p20 > p1 + 1e-9:
-        raise AssertionError("check the direction: a larger tau divides the differences by more, so the target "
-                             "moves *towards* uniform (1/K = 0.01) as tau grows")
-    if abs(p1 - want[0]) > 0.03 * want[0] or abs(p20 - want[1]) > 0.03 * want[1]:
-        raise AssertionError("close in spirit, not in value: compute e^{0.99/τ} / (e^{0.99/τ} + 99·e^{0.0001/τ}) "
-                             "for τ = 1 and τ = 20")
-    print(f"✓ tau effect: correct -- {want[0]:.4f} at tau = 1 and {want[1]:.4f} at tau = 20, "
-          "both within a few percent of uniform (0.01)")
+    want = [tempered_virtual_teacher(y, k, a, t, dtype=torch.float64)[0, 0].item() for t in temps]
+    # tempering the log-probabilities, softmax(log(p^d) / T): the "proper" way, not the code's
+    logp = torch.log(torch.tensor([a] + [(1 - a) / (k - 1)] * (k - 1), dtype=torch.float64))
+    proper = [torch.softmax(logp / t, -1)[0].item() for t in temps]
+    p1, p5 = (float(v) for v in answer)
+    printed = [tempered_virtual_teacher(y, 100, 0.99, t, dtype=torch.float64)[0, 0].item() for t in (1.0, 20.0)]
+    if all(abs(x - w) < 0.03 * w for x, w in zip((p1, p5), printed)):
+        raise AssertionError(f"those are the values printed in the chapter for K = 100, a = 0.99 at T = 1 and 20; "
+                             f"this exercise asks for K = {k}, a = {a:g} at T = 1 and 5")
+    if all(abs(x - w) < 0.03 * w for x, w in zip((p1, p5), proper)):
+        raise AssertionError("that is softmax(log(p^d) / T), tempering the log-probabilities; the code divides "
+                             "the probabilities themselves by T")
+    if abs(p1 - a) < 0.01:
+        raise AssertionError(f"not quite: T = 1 leaves *logits* unchanged, but the code feeds the probabilities "
+                             f"{a:g} and {(1 - a) / (k - 1):.4f} to the softmax as if they were logits. They differ "
+                             "by less than 1, so exp() makes them almost equal")
+    if p5 > p1 + 1e-9:
+        raise AssertionError(f"check the direction: a larger T divides the differences by more, so the target "
+                             f"moves *towards* uniform (1/K = {1 / k:g}) as T grows")
+    if abs(p1 - want[0]) > 0.03 * want[0] or abs(p5 - want[1]) > 0.03 * want[1]:
+        raise AssertionError(f"close in spirit, not in value: compute e^(a/T) / (e^(a/T) + (K-1)·e^(((1-a)/(K-1))/T)) "
+                             f"with a = {a:g}, K = {k} for T = 1 and T = 5")
+    u = 1 / k
+    print(f"✓ tau effect: correct -- {want[0]:.4f} at T = 1 ({want[0] / u:.2f}× uniform, although the virtual "
+          f"teacher says {a:g}) and {want[1]:.4f} at T = 5 ({want[1] / u:.2f}× uniform)")

@@ -19,8 +19,9 @@ The figures (:func:`plot_distributions`, :func:`plot_tfkd_targets`) live in
 :mod:`minidistill.exercises.tfkd`; both are re-exported here. The chapter's "normal" teacher is
 :func:`minidistill.fast_teacher.fast_teacher`, the same cached teacher as chapter 1's.
 
-Notation as in the chapter: $K$ classes, one-hot label $q$, uniform $u_k = 1/K$, student
-logits $z$ and $p = \mathrm{softmax}(z)$, $H(a, b) = -\sum_k a_k \log b_k$.
+Notation as in the course (``book/notation.md``): $K$ classes, one-hot label $q$, uniform
+$u_k = 1/K$, student logits $z$ with $p^s = \mathrm{softmax}(z)$ and $p^s_T = \mathrm{softmax}(z/T)$,
+teacher soft outputs $p^t_T$, temperature $T$ (the paper's $\tau$), $H(a, b) = -\sum_k a_k \log b_k$.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from .tfkd_plots import plot_distributions, plot_tfkd_targets
 
 __all__ = [
     "OFFICIAL_CONFIGS",
+    "OFFICIAL_KD_CONFIGS",
     "label_smoothing_targets",
     "virtual_teacher",
     "tempered_virtual_teacher",
@@ -62,16 +64,33 @@ __all__ = [
 
 FORMS = ("code", "paper")
 
-# Tf-KD_reg hyperparameters of the official CIFAR-100 runs (experiments/**/params.json of
-# yuanli2333/Teacher-free-Knowledge-Distillation, as quoted in the course's paper spec):
-# alpha weighs the KL (the cross-entropy gets 1 - alpha), T divides the virtual teacher's
-# probabilities, multiplier scales nn.KLDivLoss()'s mean over N*K. The virtual teacher puts
-# a = 0.99 on the correct class in every run.
+# Tf-KD_reg hyperparameters of the official CIFAR-100 runs, from the files
+# experiments/base_experiments/base_<model>/params.json of yuanli2333/Teacher-free-Knowledge-Distillation
+# (keys reg_alpha, reg_temperature, multiplier): alpha weighs the KL (the cross-entropy gets
+# 1 - alpha), T divides the virtual teacher's probabilities, multiplier scales nn.KLDivLoss()'s
+# mean over N*K. The virtual teacher puts a = 0.99 on the correct class in every run
+# (my_loss_function.loss_kd_regularization).
 OFFICIAL_CONFIGS: dict[str, dict[str, float]] = {
     "MobileNetV2": {"alpha": 0.95, "temperature": 40.0, "multiplier": 1.0},
     "ShuffleNetV2": {"alpha": 0.95, "temperature": 10.0, "multiplier": 1.0},
     "ResNet18": {"alpha": 0.1, "temperature": 20.0, "multiplier": 100.0},
     "GoogLeNet": {"alpha": 0.1, "temperature": 40.0, "multiplier": 50.0},
+}
+
+# The official CIFAR-100 KD runs with a real teacher, from
+# experiments/kd_experiments/<student>_distill/<teacher>_teacher/params.json of the same repository:
+# "normal" runs use my_loss_function.loss_kd, which has no multiplier (1); "self" runs use
+# loss_kd_self, alpha * T^2 * multiplier * nn.KLDivLoss()(...). Both losses take the KL with
+# nn.KLDivLoss()'s default reduction, a mean over N*K elements.
+OFFICIAL_KD_CONFIGS: dict[str, dict[str, Any]] = {
+    "MobileNetV2, normal KD (ResNet18)": {"kind": "normal", "alpha": 0.95, "temperature": 20.0, "multiplier": 1.0},
+    "MobileNetV2, Tf-KD self": {"kind": "self", "alpha": 0.95, "temperature": 20.0, "multiplier": 1.0},
+    "ShuffleNetV2, normal KD (ResNet18)": {"kind": "normal", "alpha": 0.95, "temperature": 20.0, "multiplier": 1.0},
+    "ShuffleNetV2, Tf-KD self": {"kind": "self", "alpha": 0.95, "temperature": 20.0, "multiplier": 1.0},
+    "ResNet18, normal KD (ResNet50)": {"kind": "normal", "alpha": 0.6, "temperature": 20.0, "multiplier": 1.0},
+    "ResNet18, Tf-KD self": {"kind": "self", "alpha": 0.95, "temperature": 6.0, "multiplier": 50.0},
+    "GoogLeNet, Tf-KD self": {"kind": "self", "alpha": 0.4, "temperature": 20.0, "multiplier": 50.0},
+    "ResNeXt29, Tf-KD self": {"kind": "self", "alpha": 0.9, "temperature": 20.0, "multiplier": 100.0},
 }
 
 
@@ -82,15 +101,23 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
 
 
-def _check_targets(targets: torch.Tensor, num_classes: int, n: int | None = None) -> None:
+def _check_targets(targets: torch.Tensor, num_classes: int, n: int | None = None, name: str = "targets") -> None:
     if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.dtype != torch.int64:
         got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ValueError(f"targets must be a 1-D int64 tensor of class indices, got {got}")
+        raise ValueError(f"{name} must be a 1-D int64 tensor of class indices, got {got}")
     if n is not None and len(targets) != n:
-        raise ValueError(f"targets has {len(targets)} entries but the logits have {n} rows")
-    if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
-        raise ValueError(f"targets must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
-                         f"got values from {targets.min().item()} to {targets.max().item()}")
+        raise ValueError(f"{name} has {len(targets)} entries but the logits have {n} rows")
+    if len(targets):
+        low, high = torch.aminmax(targets)
+        low, high = low.item(), high.item()
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes - 1}] for {num_classes} classes, "
+                             f"got values from {low} to {high}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
 def _check_prob(name: str, value: float, low_open: bool) -> None:
@@ -100,10 +127,10 @@ def _check_prob(name: str, value: float, low_open: bool) -> None:
         raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
 
 
-def _check_logits(logits: torch.Tensor) -> None:
+def _check_logits(logits: torch.Tensor, name: str = "student_logits") -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"student_logits must be a float tensor [N, K], got {got}")
+        raise ValueError(f"{name} must be a float tensor [N, K], got {got}")
 
 
 def _check_form(form: str) -> None:
@@ -139,18 +166,21 @@ def label_smoothing_targets(targets: torch.Tensor, num_classes: int, epsilon: fl
     return (1.0 - epsilon) * q + epsilon / num_classes
 
 
-def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
+def virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float, *,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     r"""The hand-made teacher of Tf-KD$_\mathrm{reg}$ (Eq. 9 of the paper):
 
     $$p^d(k) = \begin{cases} a & k = c \\ (1 - a)/(K - 1) & k \ne c \end{cases}$$
 
     for true class $c$ and ``correct_prob`` $a \in (0, 1]$. A teacher with 100 % accuracy whose
-    confidence is $a$. Returns float32 ``[N, K]``.
+    confidence is $a$. Returns ``[N, K]`` in ``dtype`` (float32 by default; float64 for checks
+    that compare at float64 precision).
     """
     _check_num_classes(num_classes)
     _check_targets(targets, num_classes)
     _check_prob("correct_prob", correct_prob, low_open=True)
-    return _virtual_teacher(targets, num_classes, correct_prob)
+    _check_dtype(dtype)
+    return _virtual_teacher(targets, num_classes, correct_prob, dtype)
 
 
 def _virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float,
@@ -163,16 +193,16 @@ def _virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: floa
 
 
 def tempered_virtual_teacher(targets: torch.Tensor, num_classes: int, correct_prob: float = 0.99,
-                             temperature: float = 20.0) -> torch.Tensor:
-    r"""What the official code distils from: $p^d_\tau = \mathrm{softmax}(p^d / \tau)$.
+                             temperature: float = 20.0, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r"""What the official code distils from: $p^d_T = \mathrm{softmax}(p^d / T)$.
 
-    The *probabilities* $p^d$ are divided by $\tau$ and pushed through a softmax as if they
+    The *probabilities* $p^d$ are divided by $T$ and pushed through a softmax as if they
     were logits. Probabilities differ by at most 1, so the result is within a factor
-    $e^{1/\tau}$ of uniform at every $\tau$: for $K = 100$, $a = 0.99$, $\tau = 20$ the correct
-    class gets 0.0105 and every other class 0.00999. Returns float32 ``[N, K]``.
+    $e^{1/T}$ of uniform at every $T$: for $K = 100$, $a = 0.99$, $T = 20$ the correct
+    class gets 0.0105 and every other class 0.00999. Returns ``[N, K]`` in ``dtype``.
     """
     check_temperature(temperature)
-    return torch.softmax(virtual_teacher(targets, num_classes, correct_prob) / temperature, dim=-1)
+    return torch.softmax(virtual_teacher(targets, num_classes, correct_prob, dtype=dtype) / temperature, dim=-1)
 
 
 def _tfkd_reg(z: torch.Tensor, targets: torch.Tensor, correct_prob: float, temperature: float,
@@ -189,10 +219,12 @@ def _tfkd_reg(z: torch.Tensor, targets: torch.Tensor, correct_prob: float, tempe
 # -- analysis --------------------------------------------------------------------------------
 
 def kl_to_uniform(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    r"""Per row, $\mathrm{KL}(\mathrm{softmax}(z/\tau)\,\|\,u) = \log K - H(\mathrm{softmax}(z/\tau))$.
+    r"""Per row, $\mathrm{KL}(\mathrm{softmax}(v/T)\,\|\,u) = \log K - H(\mathrm{softmax}(v/T))$.
 
-    It falls to 0 as $\tau$ grows, like $\mathrm{Var}_k(z)/(2\tau^2)$: a tempered teacher
-    tends to the uniform distribution, and KD tends to label smoothing.
+    It falls to 0 as $T$ grows, like $\mathrm{Var}_k(v)/(2T^2)$: a tempered teacher tends to
+    the uniform distribution. (What that does to KD depends on the student's side: with an
+    untempered student KD tends to label smoothing, with a tempered student and the $T^2$
+    factor it tends to logit matching -- chapter 2, step 4.)
     """
     check_temperature(temperature)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
@@ -208,6 +240,11 @@ def official_kl_weight(alpha: float, multiplier: float, num_classes: int) -> flo
     The code computes ``alpha * multiplier * nn.KLDivLoss()(...)``, and ``nn.KLDivLoss()``'s
     default ``reduction='mean'`` divides the summed KL by $N \cdot K$, not by $N$. So its loss
     equals $w$ times the batch-mean KL. (ResNet18 on CIFAR-100: $0.1 \cdot 100 / 100 = 0.1$.)
+
+    The same conversion holds for the official KD losses with a real teacher (see
+    :data:`OFFICIAL_KD_CONFIGS`): ``loss_kd`` (multiplier 1) and ``loss_kd_self`` compute
+    $(1-\alpha)\,H(q, p^s) + w\,T^2\,\frac1N\sum_n \mathrm{KL}(p^t_{T,n}\,\|\,p^s_{T,n})$ with the
+    same $w = \alpha m / K$, i.e. ``(1 - alpha) * ce + w * losses.kd_loss(z, v, T)``.
     """
     _check_num_classes(num_classes)
     _check_prob("alpha", alpha, low_open=False)
@@ -231,13 +268,14 @@ def tfkd_reg_loss(
     reduced as a batch mean and the code's ``multiplier`` folded into ``kl_weight``
     (see :func:`official_kl_weight`):
 
-    $$\mathcal L = (1-\alpha)\, H\big(q, \mathrm{softmax}(z)\big)
-      + w \,\frac1N \sum_{n=1}^N \mathrm{KL}\big(\mathrm{softmax}(p^d_n/\tau)\,\big\|\,\mathrm{softmax}(z_n)\big).$$
+    $$\mathcal L = (1-\alpha)\, H\big(q, p^s\big)
+      + w \,\frac1N \sum_{n=1}^N \mathrm{KL}\big(\mathrm{softmax}(p^d_n/T)\,\big\|\,p^s_n\big),
+      \qquad p^s = \mathrm{softmax}(z).$$
 
-    The student's logits are **not** tempered and there is no $\tau^2$. ``form="paper"``
-    tempers the student as the paper's Eq. 10 writes it, $\mathrm{KL}(p^d_\tau \,\|\, p_\tau)$
-    with $p_\tau = \mathrm{softmax}(z/\tau)$, same weights. The defaults ($a = 0.99$,
-    $\tau = 20$, $\alpha = 0.1$, $w = 0.1$) are the official ResNet18 / CIFAR-100 run.
+    The student's logits are **not** tempered and there is no $T^2$. ``form="paper"``
+    tempers the student as the paper's Eq. 10 writes it, $\mathrm{KL}(p^d_T \,\|\, p^s_T)$
+    with $p^s_T = \mathrm{softmax}(z/T)$, same weights. The defaults ($a = 0.99$,
+    $T = 20$, $\alpha = 0.1$, $w = 0.1$) are the official ResNet18 / CIFAR-100 run.
     Half-precision logits are computed in float32.
     """
     _check_logits(student_logits)
@@ -252,9 +290,9 @@ def tfkd_reg_as_lsr(num_classes: int, correct_prob: float = 0.99, temperature: f
     r"""Tf-KD$_\mathrm{reg}$ (code form) rewritten as label smoothing.
 
     Since $\mathrm{KL}(t\,\|\,p) = H(t, p) - H(t)$ and both terms are cross-entropies to fixed
-    targets, $(1-\alpha)H(q,p) + w\,\mathrm{KL}(p^d_\tau\|p) = s\,H(q_\mathrm{eff}, p) - w\,H(p^d_\tau)$ with
+    targets, $(1-\alpha)H(q,p^s) + w\,\mathrm{KL}(p^d_T\|p^s) = s\,H(q_\mathrm{eff}, p^s) - w\,H(p^d_T)$ with
 
-    $$s = 1 - \alpha + w, \qquad q_\mathrm{eff} = (1-\epsilon)\,q + \epsilon\,p^d_\tau,
+    $$s = 1 - \alpha + w, \qquad q_\mathrm{eff} = (1-\epsilon)\,q + \epsilon\,p^d_T,
       \qquad \epsilon = \frac{w}{1 - \alpha + w}.$$
 
     Returns ``scale`` ($s$), ``epsilon``, the tempered teacher's ``teacher_correct`` and
@@ -279,7 +317,12 @@ class TfKDRegularization(Objective):
     """The Tf-KD$_\\mathrm{reg}$ objective for :func:`~minidistill.train.fit`: no teacher
     network, only :func:`tfkd_reg_loss` on the student's logits. Logs the unweighted terms
     ``ce`` (cross-entropy to the labels) and ``reg`` (the batch-mean KL to the tempered
-    virtual teacher): the loss is ``(1 - alpha) * ce + kl_weight * reg``."""
+    virtual teacher): the loss is ``(1 - alpha) * ce + kl_weight * reg``.
+
+    The labels ``y`` are checked against the model's number of outputs (a ``ValueError`` that
+    names ``y``, not an index error from deep inside): on every call when they live on the
+    CPU, and on the first step only on an accelerator, where reading them would make the host
+    wait for the device at every step."""
 
     def __init__(self, correct_prob: float = 0.99, temperature: float = 20.0, alpha: float = 0.1,
                  kl_weight: float = 0.1, form: str = "code") -> None:
@@ -291,6 +334,9 @@ class TfKDRegularization(Objective):
     def forward(self, model: nn.Module, x: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
+        if self.step == 0 or y.device.type == "cpu":
+            _check_logits(logits, "the model's output")
+            _check_targets(y, logits.shape[1], len(logits), name="y (the labels)")
         ce, kl = _tfkd_reg(logits, y, self.correct_prob, self.temperature, self.form)
         loss = (1.0 - self.alpha) * ce + self.kl_weight * kl
         return loss, logits, {"ce": ce.detach(), "reg": kl.detach()}
@@ -319,7 +365,7 @@ def tfkd_self(name: str, data: Dataset, recipe: Recipe, *, seed: int = 0, teache
        given, e.g. the "alone" run of the same seed);
     2. freeze a copy of it (eval mode, no gradients);
     3. distil it into a fresh ``name`` from ``seed`` with
-       $(1-\alpha)\,H(q, p) + \alpha\,\tau^2\,\mathrm{KL}(p^t_\tau \,\|\, p_\tau)$
+       $(1-\alpha)\,H(q, p^s) + \alpha\,T^2\,\mathrm{KL}(p^t_T \,\|\, p^s_T)$
        (:class:`~minidistill.losses.Distillation`).
 
     Both runs are :func:`train_model`; other keyword arguments go to ``fit``.

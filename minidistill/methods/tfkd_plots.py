@@ -51,7 +51,7 @@ def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temper
     r"""The targets of Tf-KD$_\mathrm{reg}$ next to label smoothing's, for the correct class and
     for any one of the other $K-1$ classes (they are all equal), on a log scale:
 
-    the virtual teacher $p^d$, the tempered $\mathrm{softmax}(p^d/\tau)$ the official code
+    the virtual teacher $p^d$, the tempered $\mathrm{softmax}(p^d/T)$ the official code
     distils from, Tf-KD$_\mathrm{reg}$'s effective target $q_\mathrm{eff}$ (:func:`~minidistill.methods.tfkd.tfkd_reg_as_lsr`),
     the label-smoothing target with ``epsilon``, and the uniform distribution.
     """
@@ -66,7 +66,7 @@ def plot_tfkd_targets(num_classes: int = 100, correct_prob: float = 0.99, temper
     two = lambda v: torch.tensor([v[0], v[1]], dtype=torch.float64)  # noqa: E731 -- correct, other
     dists = {
         f"virtual teacher $p^d$ (a = {correct_prob:g})": two(pd),
-        f"softmax($p^d/\\tau$), τ = {temperature:g}": two(pt),
+        f"softmax($p^d/T$), T = {temperature:g}": two(pt),
         f"Tf-KD reg effective target (α = {alpha:g}, w = {kl_weight:g})":
             torch.tensor([eff["target_correct"], eff["target_other"]], dtype=torch.float64),
         f"label smoothing, ε = {epsilon:g}": two(ls),

@@ -1,5 +1,6 @@
-"""Chapter 1 (Hinton KD): closed-form gradients, the student trainer (on train.train_model),
-the re-exported self-checks, and the fast teacher that chapters 1 and 2 share."""
+"""Chapter 1 (Hinton KD): closed-form gradients, the class-by-class soft targets, the figures,
+the student trainer (on train.train_model), the re-exported self-checks, and the fast teacher
+that chapters 1 and 2 share."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from minidistill import fast_teacher, train
 from minidistill.data import make_shapes
 from minidistill.exercises import kd_basics as kd_exercises
 from minidistill.losses import Distillation, kd_loss, soft_targets
-from minidistill.methods import kd_basics
+from minidistill.methods import kd_basics, kd_basics_plots
 from minidistill.train import Recipe
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -61,14 +62,133 @@ def test_gradient_norms_raw_falls_as_one_over_T_squared_and_scaled_is_flat():
     assert n["temperature"] == [16.0, 32.0, 64.0]
     assert n["raw"][1] / n["raw"][2] == pytest.approx(4.0, rel=0.02)
     assert n["scaled"][1] / n["scaled"][2] == pytest.approx(1.0, rel=0.02)
-    assert n["scaled"][0] == pytest.approx(n["raw"][0] * 16**2)
+    assert n["scaled"][0] == pytest.approx(n["raw"][0] * 16**2, rel=1e-9)
 
 
-def test_every_public_name_resolves_and_the_checks_are_re_exported():
+def test_gradient_norms_raw_is_computed_independently_of_kd_loss(monkeypatch):
+    """'raw' is its own backward pass, not the scaled norm divided by T²: a kd_loss that lost its
+    T² factor changes 'scaled' and leaves 'raw' alone, so the chapter's 'T² x raw = scaled' can fail."""
+    good = kd_basics.gradient_norms(Z, V, [2.0, 8.0])
+    monkeypatch.setattr(kd_basics, "kd_loss", lambda z, v, t: kd_loss(z, v, t) / t**2)
+    broken = kd_basics.gradient_norms(Z, V, [2.0, 8.0])
+    assert broken["raw"] == pytest.approx(good["raw"], rel=1e-12)
+    assert broken["scaled"] == pytest.approx(good["raw"], rel=1e-9)  # now equal to raw: the check would say False
+
+
+def test_scaled_gradient_is_flat_only_at_high_temperature_for_confident_logits():
+    """The chapter's claim, with the condition: T² keeps the scale at high T, not at low T."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(32, 10, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(32, 10, generator=g, dtype=torch.float64) * 2
+    v = v + 10 * torch.nn.functional.one_hot(torch.randint(0, 10, (32,), generator=g), 10)
+    s = kd_basics.gradient_norms(z, v, [1, 4, 256, 1024])["scaled"]
+    assert max(s[:2]) / min(s[:2]) > 1.5 and max(s[2:]) / min(s[2:]) < 1.02
+
+
+def test_gradient_norms_reject_bad_inputs():
+    with pytest.raises(ValueError, match="same shape"):
+        kd_basics.gradient_norms(Z, V[:, :3], [1.0])
+    with pytest.raises(ValueError, match="temperature"):
+        kd_basics.gradient_norms(Z, V, [1.0, 0.0])
+    with pytest.raises(ValueError, match="temperature"):
+        kd_basics.gradient_norms(Z, V, [-2.0])
+
+
+# -- the teacher's class-by-class soft targets ------------------------------------------------------
+
+def test_mean_soft_targets_by_hand_and_rows_sum_to_one():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [4.0, 0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])
+    m = kd_basics.mean_soft_targets(logits, labels, 2.0)
+    p = torch.softmax(logits / 2.0, -1)
+    assert m.shape == (3, 3) and m.dtype == torch.float64
+    assert torch.allclose(m[0], (p[0] + p[2]) / 2) and torch.allclose(m[1], p[1])
+    assert torch.isnan(m[2]).all()  # no example of class 2
+    assert torch.allclose(m[:2].sum(-1), torch.ones(2, dtype=torch.float64))
+    # a float32 teacher on any device is fine; T = 1 is the default
+    assert torch.allclose(kd_basics.mean_soft_targets(logits.float(), labels)[1], torch.softmax(logits[1], -1),
+                          atol=1e-6)
+
+
+def test_mean_soft_targets_flattens_with_temperature():
+    labels = torch.arange(10).repeat(5)
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0)) + 6 * torch.nn.functional.one_hot(labels, 10)
+    d1, d4 = (kd_basics.mean_soft_targets(logits, labels, t).diagonal().mean() for t in (1.0, 4.0))
+    assert d1 > d4 > 0.1
+
+
+def test_mean_soft_targets_rejects_bad_inputs():
+    logits = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        kd_basics.mean_soft_targets(logits, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="labels must be an int64"):
+        kd_basics.mean_soft_targets(logits, torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="labels must be an int64"):
+        kd_basics.mean_soft_targets(logits, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="logits must be a float tensor"):
+        kd_basics.mean_soft_targets(torch.zeros(4, 3, dtype=torch.int64), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="num_classes=5"):
+        kd_basics.mean_soft_targets(logits, torch.tensor([0, 1, 2, 0]), num_classes=5)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_basics.mean_soft_targets(logits, torch.tensor([0, 1, 2, 0]), 0.0)
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def test_plot_soft_targets_log_option():
+    logits = torch.tensor([9.0, 2.0, -3.0])
+    lin = kd_basics.plot_soft_targets(logits, (1, 4), ["a", "b", "c"], title="lin").axes[0]
+    assert lin.get_yscale() == "linear" and lin.get_ylabel() == "probability" and len(lin.patches) == 6
+    ax = kd_basics.plot_soft_targets(logits, (1, 4), ["a", "b", "c"], title="log", log=True).axes[0]
+    assert ax.get_yscale() == "log" and "log" in ax.get_ylabel() and ax.get_title() == "log"
+    smallest = min(p.get_height() for p in ax.patches)
+    assert ax.get_ylim()[0] < smallest < 1e-4  # the tiny T = 1 probability of 'c' is inside the axis
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["T = 1", "T = 4"]
+    with pytest.raises(ValueError, match="class_names"):
+        kd_basics.plot_soft_targets(logits, (1,), ["a"], log=True)
+
+
+def test_plot_soft_targets_log_draws_into_a_given_axis():
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2)
+    out = kd_basics.plot_soft_targets(torch.tensor([1.0, 0.0]), (1,), log=True, ax=a2)
+    assert out is fig and a2.get_yscale() == "log" and a1.get_yscale() == "linear" and not a1.patches
+
+
+def test_plot_class_soft_targets_panels_labels_and_checks():
+    labels = torch.arange(4).repeat(3)
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(1)) + 5 * torch.nn.functional.one_hot(labels, 4)
+    mats = {t: kd_basics.mean_soft_targets(logits, labels, t) for t in (1, 4)}
+    fig = kd_basics.plot_class_soft_targets(mats, ["w", "x", "y", "z"], title="M")
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("T = ")]
+    assert [ax.get_title() for ax in panels] == ["T = 1", "T = 4"]
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["w", "x", "y", "z"]
+    assert panels[0].get_ylabel() == "true class" and fig._suptitle.get_text() == "M"
+    assert len(panels[0].texts) == 16  # annotated, K <= 10
+    img = panels[0].images[0]
+    assert img.norm.__class__.__name__ == "LogNorm" and img.norm.vmax == 1.0
+    assert torch.allclose(torch.as_tensor(img.get_array().data), mats[1].clamp_min(img.norm.vmin))
+    lin = kd_basics.plot_class_soft_targets(mats, log=False, annotate=False)
+    assert not [ax for ax in lin.axes if ax.get_title() == "T = 1"][0].texts
+    with pytest.raises(ValueError, match="empty"):
+        kd_basics.plot_class_soft_targets({})
+    with pytest.raises(ValueError, match="square"):
+        kd_basics.plot_class_soft_targets({1: torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="same size"):
+        kd_basics.plot_class_soft_targets({1: torch.eye(2), 2: torch.eye(3)})
+    with pytest.raises(ValueError, match="class_names has 2 names for 4 classes"):
+        kd_basics.plot_class_soft_targets(mats, ["a", "b"])
+    with pytest.raises(ValueError, match="temperature"):
+        kd_basics.plot_class_soft_targets({0.0: torch.eye(2)})
+
+
+def test_every_public_name_resolves_and_the_checks_and_figures_are_re_exported():
     for name in kd_basics.__all__:
         assert hasattr(kd_basics, name), name
-    for name in kd_exercises.__all__:
-        assert name in kd_basics.__all__ and getattr(kd_basics, name) is getattr(kd_exercises, name), name
+    for module in (kd_exercises, kd_basics_plots):
+        for name in module.__all__:
+            assert name in kd_basics.__all__ and getattr(kd_basics, name) is getattr(module, name), name
 
 
 def test_train_student_alone_and_with_kd_share_initial_weights(tiny, monkeypatch):
@@ -180,16 +300,45 @@ def test_checks_report_unattempted_exercises(capsys):
 
     kd_basics.check_soft_targets(todo)
     kd_basics.check_kd_loss(todo)
-    kd_basics.check_shrink_factor(...)
+    kd_basics.check_kd_gradient_limit(...)
     assert capsys.readouterr().out.count("not attempted yet") == 3
 
 
-def test_check_shrink_factor(capsys):
-    kd_basics.check_shrink_factor(4)
-    assert "✓" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="chain rule"):
-        kd_basics.check_shrink_factor(2)
-    with pytest.raises(AssertionError):
-        kd_basics.check_shrink_factor(16)
-    with pytest.raises(AssertionError, match="number"):
-        kd_basics.check_shrink_factor("four")
+def test_check_kd_loss_accepts_every_correct_form(capsys):
+    """Any correct way of writing T² · batch-mean KL passes: F.kl_div, log-space by hand, or
+    cross-entropy minus the teacher's entropy."""
+    import torch.nn.functional as F
+
+    forms = [
+        lambda z, v, T: T**2 * F.kl_div(F.log_softmax(z / T, -1), F.softmax(v / T, -1), reduction="batchmean"),
+        lambda z, v, T: T**2 * (F.softmax(v / T, -1) * (F.log_softmax(v / T, -1) - F.log_softmax(z / T, -1))).sum(-1).mean(),
+        lambda z, v, T: T**2 * (-(F.softmax(v / T, -1) * F.log_softmax(z / T, -1)).sum(-1)
+                                + (F.softmax(v / T, -1) * F.log_softmax(v / T, -1)).sum(-1)).mean(),
+    ]
+    for form in forms:
+        kd_basics.check_kd_loss(form)
+    assert capsys.readouterr().out.count("✓") == 3
+
+
+def test_check_kd_gradient_limit_accepts_right_answers_and_names_classic_mistakes(capsys):
+    z = torch.tensor(kd_exercises.LIMIT_EXERCISE["z"], dtype=torch.float64)
+    v = torch.tensor(kd_exercises.LIMIT_EXERCISE["v"], dtype=torch.float64)
+    k = len(z)
+    right = ((z - z.mean()) - (v - v.mean())) / k                     # (-2/3, -1/3, 1)
+    for answer in (right.tolist(), tuple(right.tolist()), right, right.float(), [-0.667, -0.333, 1.0]):
+        kd_basics.check_kd_gradient_limit(answer)
+    assert capsys.readouterr().out.count("✓") == 5
+    with pytest.raises(AssertionError, match="without"):
+        kd_basics.check_kd_gradient_limit([0, 0, 0])                 # the unscaled limit
+    with pytest.raises(AssertionError, match="sign"):
+        kd_basics.check_kd_gradient_limit((-right).tolist())
+    with pytest.raises(AssertionError, match="raw logits"):
+        kd_basics.check_kd_gradient_limit(((z - v) / k).tolist())     # no centring
+    with pytest.raises(AssertionError, match="factor K"):
+        kd_basics.check_kd_gradient_limit((right * k).tolist())
+    with pytest.raises(AssertionError, match="step 4"):
+        kd_basics.check_kd_gradient_limit([1, 2, 3])
+    with pytest.raises(AssertionError, match="three"):
+        kd_basics.check_kd_gradient_limit([1, 2])
+    with pytest.raises(AssertionError, match="three"):
+        kd_basics.check_kd_gradient_limit("one two three")

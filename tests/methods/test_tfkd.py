@@ -49,7 +49,7 @@ def test_virtual_teacher_exact_values():
     assert torch.equal(tfkd.virtual_teacher(Y, 10, 1.0), F.one_hot(Y, 10).float())
 
 
-def test_tempered_virtual_teacher_matches_the_spec_values_for_cifar100():
+def test_tempered_virtual_teacher_values_for_cifar100():
     y = torch.tensor([0])
     for tau, want in ((10.0, 0.01103), (20.0, 0.01050), (40.0, 0.01025)):
         p = tfkd.tempered_virtual_teacher(y, 100, 0.99, tau)[0]
@@ -59,6 +59,22 @@ def test_tempered_virtual_teacher_matches_the_spec_values_for_cifar100():
     p = tfkd.tempered_virtual_teacher(y, 100, 0.99, 1.0)[0]
     assert (p.max() / p.min()).item() <= math.e
     assert p[0].item() == pytest.approx(0.02646, abs=5e-5)
+
+
+def test_virtual_teachers_in_float64():
+    p = tfkd.virtual_teacher(torch.tensor([1]), 100, 0.99, dtype=torch.float64)
+    assert p.dtype == torch.float64 and p[0, 1].item() == 0.99 and p[0, 0].item() == (1 - 0.99) / 99
+    t = tfkd.tempered_virtual_teacher(torch.tensor([1]), 100, 0.99, 20.0, dtype=torch.float64)
+    pd = torch.full((1, 100), (1 - 0.99) / 99, dtype=torch.float64)
+    pd[0, 1] = 0.99
+    assert t.dtype == torch.float64 and torch.allclose(t, torch.softmax(pd / 20.0, -1), rtol=1e-14, atol=0)
+    # the float32 default differs from it at float32's precision, not at float64's
+    t32 = tfkd.tempered_virtual_teacher(torch.tensor([1]), 100, 0.99, 20.0)
+    assert t32.dtype == torch.float32 and torch.allclose(t32.double(), t, rtol=1e-6)
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        tfkd.virtual_teacher(Y, 10, 0.9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="dtype"):
+        tfkd.tempered_virtual_teacher(Y, 10, 0.9, 2.0, dtype="float64")
 
 
 def test_targets_reject_bad_inputs():
@@ -72,6 +88,8 @@ def test_targets_reject_bad_inputs():
         tfkd.virtual_teacher(torch.tensor([0, 10]), 10, 0.9)
     with pytest.raises(ValueError, match="targets must lie"):
         tfkd.label_smoothing_targets(torch.tensor([-1]), 10, 0.1)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 99\]"):
+        tfkd.tempered_virtual_teacher(torch.tensor([100]), 100, 0.99, 20.0)
     with pytest.raises(ValueError, match="1-D int64"):
         tfkd.virtual_teacher(Y.float(), 10, 0.9)
     with pytest.raises(ValueError, match="1-D int64"):
@@ -207,6 +225,42 @@ def test_tfkd_reg_loss_rejects_bad_inputs():
         tfkd.tfkd_reg_loss(Z, Y, form="papers")
 
 
+def official_kd(z, v, y, alpha, temperature, multiplier=None):
+    """The reference code's loss_kd (multiplier None) and loss_kd_self, by hand."""
+    t = temperature
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d_kl = nn.KLDivLoss()(F.log_softmax(z / t, dim=1), F.softmax(v / t, dim=1)) * (t * t)
+    if multiplier is not None:
+        d_kl = d_kl * multiplier
+    return (1.0 - alpha) * F.cross_entropy(z, y) + alpha * d_kl
+
+
+@pytest.mark.parametrize("name", sorted(tfkd.OFFICIAL_KD_CONFIGS))
+def test_official_kd_losses_are_ce_plus_w_times_kd_loss(name):
+    from minidistill.losses import kd_loss
+
+    c = tfkd.OFFICIAL_KD_CONFIGS[name]
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(8, 100, generator=g, dtype=torch.float64)
+    v = torch.randn(8, 100, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 100, (8,), generator=g)
+    want = official_kd(z, v, y, c["alpha"], c["temperature"], c["multiplier"] if c["kind"] == "self" else None)
+    w = tfkd.official_kl_weight(c["alpha"], c["multiplier"], 100)
+    got = (1 - c["alpha"]) * F.cross_entropy(z, y) + w * kd_loss(z, v, c["temperature"])
+    assert torch.allclose(got, want, rtol=1e-10)
+    # Hinton's weighting (alpha on a batch-mean L_KD) is another loss unless the multiplier equals K
+    same = c["multiplier"] == 100
+    assert torch.allclose(distillation_loss(z, v, y, c["temperature"], c["alpha"]), want, rtol=1e-3) == same
+
+
+def test_official_kd_configs_are_well_formed():
+    assert {c["kind"] for c in tfkd.OFFICIAL_KD_CONFIGS.values()} == {"normal", "self"}
+    for c in tfkd.OFFICIAL_KD_CONFIGS.values():
+        assert set(c) == {"kind", "alpha", "temperature", "multiplier"} and 0 < c["alpha"] < 1
+        assert c["kind"] == "self" or c["multiplier"] == 1.0  # loss_kd has no multiplier
+
+
 def test_official_kl_weight():
     assert tfkd.official_kl_weight(0.1, 100, 100) == pytest.approx(0.1)
     assert tfkd.official_kl_weight(0.95, 1, 100) == pytest.approx(0.0095)
@@ -265,11 +319,56 @@ def test_regularization_objective_returns_the_loss_its_logits_and_named_terms():
     assert torch.allclose(terms["reg"], F.kl_div(F.log_softmax(model(x), -1), target, reduction="batchmean"))
     assert torch.allclose(loss, 0.8 * terms["ce"] + 0.5 * terms["reg"])
     assert "form='code'" in repr(obj)
-    assert not list(obj.parameters())  # nothing to train, nothing in the checkpoint
+    assert not list(obj.parameters()) and not list(obj.buffers())  # nothing to train, nothing in the checkpoint
     with pytest.raises(ValueError, match="correct_prob"):
         tfkd.TfKDRegularization(correct_prob=0.0)
     with pytest.raises(ValueError, match="form"):
         tfkd.TfKDRegularization(form="torch")
+
+
+@pytest.mark.parametrize("labels, shown", [([0, 3, 9, 3, 5, 10], "from 0 to 10"), ([0, -1, 9, 3, 5, 1], "from -1 to 9"),
+                                            ([0, 3, 99, 3, 5, 1], "from 0 to 99")])
+def test_regularization_objective_rejects_labels_outside_the_classes(labels, shown):
+    """Labels outside [0, K) get a ValueError that names the argument, not an index error from scatter_."""
+    obj = tfkd.TfKDRegularization()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    x = torch.randn(6, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"y \(the labels\) must lie in \[0, 9\] for 10 classes, got values " + shown):
+        obj(model, x, torch.tensor(labels))
+
+
+def test_regularization_objective_checks_labels_on_later_cpu_steps_and_their_type():
+    obj = tfkd.TfKDRegularization()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    x = torch.randn(6, 3, 2, 2)
+    obj.step = 7  # as fit sets it after a few steps: on the CPU the check still runs
+    with pytest.raises(ValueError, match=r"y \(the labels\) must lie"):
+        obj(model, x, torch.tensor([0, 1, 2, 3, 4, 12]))
+    with pytest.raises(ValueError, match=r"y \(the labels\) must be a 1-D int64 tensor"):
+        obj(model, x, torch.tensor([0.0, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match=r"y \(the labels\) has 5 entries but the logits have 6 rows"):
+        obj(model, x, torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="the model's output must be a float tensor"):
+        obj(nn.Flatten(0), x, torch.tensor([0, 1, 2, 3, 4, 5]))
+    loss, _, _ = obj(model, x, torch.tensor([0, 1, 2, 3, 4, 9]))  # the right labels still pass
+    assert torch.isfinite(loss)
+
+
+def test_regularization_objective_on_an_accelerator_checks_the_first_step_only(monkeypatch):
+    """Reading label values on a GPU makes the host wait: off the CPU, only step 0 is checked.
+    (The 'meta' device stands in for an accelerator: tensors without values, no host copy.)"""
+    calls = []
+    monkeypatch.setattr(tfkd, "_check_targets", lambda *a, **k: calls.append(1))
+    obj = tfkd.TfKDRegularization()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).to("meta")
+    x, y = torch.empty(6, 3, 2, 2, device="meta"), torch.empty(6, dtype=torch.int64, device="meta")
+    obj(model, x, y)
+    assert len(calls) == 1
+    obj.step = 1
+    loss, _, _ = obj(model, x, y)
+    assert len(calls) == 1 and loss.device.type == "meta"
+    obj(model.to_empty(device="cpu"), torch.randn(6, 3, 2, 2), Y)  # on the CPU every step is checked
+    assert len(calls) == 2
 
 
 def test_regularization_objective_paper_form_tempers_the_student():
@@ -385,18 +484,29 @@ def test_check_virtual_teacher_accepts_right_and_catches_classic_mistakes(capsys
 
 
 def test_check_tau_effect(capsys):
+    ex = tfkd_exercises.TAU_EXERCISE
     y = torch.zeros(1, dtype=torch.int64)
-    right = tuple(tfkd.tempered_virtual_teacher(y, 100, 0.99, t)[0, 0].item() for t in (1.0, 20.0))
-    tfkd.check_tau_effect(right)
-    assert "✓" in capsys.readouterr().out
+    right = tuple(tfkd.tempered_virtual_teacher(y, ex["num_classes"], ex["correct_prob"], t)[0, 0].item()
+                  for t in ex["temperatures"])
+    assert right == pytest.approx((0.2128, 0.1172), abs=2e-4)
+    for answer in (right, list(right), (0.213, 0.117)):
+        tfkd.check_tau_effect(answer)
+    out = capsys.readouterr().out
+    assert out.count("✓") == 3 and "2.13× uniform" in out and "1.17× uniform" in out
     with pytest.raises(AssertionError, match="as if they were logits"):
-        tfkd.check_tau_effect((0.99, 0.5))
+        tfkd.check_tau_effect((0.9, 0.5))
+    with pytest.raises(AssertionError, match="log-probabilities"):
+        tfkd.check_tau_effect((0.9, 0.2111))      # softmax(log p^d / T): the proper tempering
+    with pytest.raises(AssertionError, match="printed in the chapter"):
+        tfkd.check_tau_effect((0.0265, 0.0105))   # K = 100, a = 0.99, copied from above
     with pytest.raises(AssertionError, match="direction"):
-        tfkd.check_tau_effect((0.0105, 0.0265))
+        tfkd.check_tau_effect((0.1172, 0.2128))
     with pytest.raises(AssertionError, match="in value"):
-        tfkd.check_tau_effect((0.01, 0.01))
+        tfkd.check_tau_effect((0.1, 0.1))
     with pytest.raises(AssertionError, match="pair"):
         tfkd.check_tau_effect(0.02)
+    with pytest.raises(AssertionError, match="pair"):
+        tfkd.check_tau_effect((True, 0.1))
 
 
 def test_checks_report_unattempted_exercises(capsys):
