@@ -1,21 +1,25 @@
 r"""Chapter 3 -- Romero, Ballas, Kahou, Chassang, Gatta & Bengio (ICLR 2015), "FitNets: Hints
 for Thin Deep Nets".
 
-A *hint* is the output $u_h(x)$ of a hidden layer $h$ of the teacher; the *guided layer* $g$
-of a thinner, deeper student learns to predict it through a small regressor $r$:
+A *hint* is the output $f^t_h(x)$ of a hidden layer $h$ of the teacher (the paper's $u_h$);
+the *guided layer* $g$ of a thinner, deeper student, with output $f^s_g(x)$ (the paper's
+$v_g$), learns to predict it through a small regressor $r$:
 
-$$\mathcal L_\mathrm{HT} = \tfrac12\,\big\|u_h(x) - r\big(v_g(x)\big)\big\|^2 .$$
+$$\mathcal L_\mathrm{HT} = \tfrac12\,\big\|f^t_h(x) - r\big(f^s_g(x)\big)\big\|^2 .$$
 
+(Symbols as in the course's notation page: $u$ and $v$ there are the uniform distribution and
+the teacher's logits, so the paper's $u_h$, $v_g$ are renamed; $T$ is the paper's $\tau$.)
 Training follows the paper's Algorithm 1: stage 1 trains the student up to the guided layer
 (plus $r$) on the hint loss alone; stage 2 trains the whole student with the FitNets KD loss
-(temperature $\tau = 3$, *no* $\tau^2$ factor, teacher weight $\lambda$ decaying linearly from
+(temperature $T = 3$, *no* $T^2$ factor, teacher weight $\lambda$ decaying linearly from
 4 towards 1, as in the official code ``adri-romsor/FitNets``). Both stages are
 :func:`minidistill.train.fit` with an objective (:class:`~minidistill.losses.TeacherObjective`):
 :class:`HintObjective` owns the regressor and trains a truncated student
 (:func:`student_trunk`), :class:`FitNetsKD` is stage 2. Features are read with
 :func:`minidistill.models.feature_extractor` (forward hooks); no model class is edited.
 The one-stage variant (hint + KD in one run, as RepDistiller runs FitNets) is
-:class:`minidistill.losses.FeatureDistillation`.
+:class:`minidistill.losses.FeatureDistillation` (``train_student("one-stage", ...)``, with
+Hinton's $\alpha$ from :func:`equivalent_alpha`).
 
 The chapter's figures live in :mod:`minidistill.methods.fitnets_plots` and the exercises'
 self-checks in :mod:`minidistill.exercises.fitnets`; both are re-exported here.
@@ -34,13 +38,14 @@ from torch import nn
 from ..data import Dataset
 from ..exercises import fitnets as _checks
 from ..exercises.fitnets import check_fitnets_kd_loss, check_hint_loss, check_kernel_size
-from ..losses import TeacherObjective, check_logits_pair, check_temperature, soft_targets, upcast, warn_if_probabilities
+from ..losses import (FeatureDistillation, TeacherObjective, check_logits_pair, check_temperature, soft_targets, upcast,
+                      warn_if_probabilities)
 from ..models import PlainCNN, feature_extractor, feature_shapes
 from ..runtime import seed_everything
 from ..train import History, Recipe, TrainingDiverged, fit, train_model
 from . import fitnets_plots as _plots
 from .fitnets_plots import (channel_maps, conv_layers, hint_r2, plot_budget, plot_hint_diagram, plot_hint_maps,
-                            plot_kd_balance, soft_term_balance)
+                            plot_kd_balance, plot_training, soft_term_balance)
 
 __all__ = [
     "regressor_kernel_size",
@@ -50,6 +55,7 @@ __all__ = [
     "fitnets_kd_loss",
     "kd_weight",
     "short_schedule",
+    "equivalent_alpha",
     "feature_shape",
     "student_trunk",
     "HintObjective",
@@ -57,6 +63,7 @@ __all__ = [
     "FitNetRun",
     "train_fitnet",
     "train_student",
+    "METHODS",
     "plain_cnn_multiplications",
     "count_multiplications",
     "width_for_budget",
@@ -79,8 +86,9 @@ def _pair(size: Size, name: str) -> tuple[int, int]:
 
 def regressor_kernel_size(student_size: Size, teacher_size: Size) -> tuple[int, int]:
     r"""Kernel of the valid (no padding, stride 1) convolution that maps the student's guided
-    map $N_{g,1}\times N_{g,2}$ onto the teacher's hint map $N_{h,1}\times N_{h,2}$:
-    $k_i = N_{g,i} - N_{h,i} + 1$.
+    map of $S_{g,1}\times S_{g,2}$ positions onto the teacher's hint map of $S_{h,1}\times S_{h,2}$:
+    $k_i = S_{g,i} - S_{h,i} + 1$ (the paper writes the map sizes $N_{g,i}$, $N_{h,i}$; $N$ is
+    the batch size in this course).
 
     Raises ``ValueError`` when the teacher's map is larger in either direction: a valid
     convolution can only shrink a map.
@@ -97,11 +105,14 @@ def regressor_kernel_size(student_size: Size, teacher_size: Size) -> tuple[int, 
 
 def regressor_parameters(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> dict[str, int]:
     r"""Weights of a fully connected and of a convolutional regressor (biases left out, as in
-    the paper's count) between a guided map ``(O_g, N_g1, N_g2)`` and a hint map
-    ``(O_h, N_h1, N_h2)``, channels first:
+    the paper's count) between a guided map ``(C_g, S_g1, S_g2)`` and a hint map
+    ``(C_h, S_h1, S_h2)``, channels first:
 
-    * fully connected: $N_{h,1} N_{h,2} O_h \times N_{g,1} N_{g,2} O_g$;
-    * convolutional: $k_1 k_2 O_g O_h$ with $k_i = N_{g,i} - N_{h,i} + 1$.
+    * fully connected: $S_{h,1} S_{h,2} C_h \times S_{g,1} S_{g,2} C_g$;
+    * convolutional: $k_1 k_2 C_g C_h$ with $k_i = S_{g,i} - S_{h,i} + 1$.
+
+    These are the weight counts of ``nn.Linear(S_g1 * S_g2 * C_g, S_h1 * S_h2 * C_h)`` and of
+    :class:`HintRegressor`'s convolution (the chapter checks both against the real modules).
     """
     if len(student_shape) != 3 or len(teacher_shape) != 3:
         raise ValueError(f"shapes must be (channels, height, width), got {tuple(student_shape)} and {tuple(teacher_shape)}")
@@ -114,13 +125,13 @@ def regressor_parameters(student_shape: Sequence[int], teacher_shape: Sequence[i
 
 class HintRegressor(nn.Module):
     r"""The FitNets regressor $r$: a valid convolution from the student's guided-layer
-    features ``[N, student_channels, N_g1, N_g2]`` to the teacher's hint shape
-    ``[N, teacher_channels, N_h1, N_h2]``, followed by the hint layer's non-linearity.
+    features ``[N, student_channels, S_g1, S_g2]`` to the teacher's hint shape
+    ``[N, teacher_channels, S_h1, S_h2]``, followed by the hint layer's non-linearity.
 
     Args:
-        student_channels, teacher_channels: $O_g$ and $O_h$.
+        student_channels, teacher_channels: $C_g$ and $C_h$ (the paper's $O_g$, $O_h$).
         student_size, teacher_size: the maps' spatial sizes (an int or ``(h, w)``); the kernel
-            is $N_g - N_h + 1$ (:func:`regressor_kernel_size`). Leave both out when the maps
+            is $S_g - S_h + 1$ (:func:`regressor_kernel_size`). Leave both out when the maps
             have the same size (a 1x1 convolution).
         activation: ``"relu"`` (default: the hint is a ReLU output, as are the stage outputs
             of every model in :mod:`minidistill.models`) or ``None`` for a linear regressor.
@@ -170,11 +181,19 @@ class HintRegressor(nn.Module):
 
 
 def hint_loss(regressed_student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    r"""The hint loss $\mathcal L_\mathrm{HT} = \frac12\,\|u_h(x) - r(v_g(x))\|^2$.
+    r"""The hint loss $\mathcal L_\mathrm{HT} = \frac12\,\|f^t_h(x) - r(f^s_g(x))\|^2$, the
+    paper's equation: the squared error is **summed over every feature** (channels and
+    positions) of an example and **averaged over the batch**,
+    $\frac1N\sum_n \frac12 \sum_{c,i,j} (f_{n,c,i,j} - r_{n,c,i,j})^2$ with $f = f^t_h(x)$.
 
-    Averaged as in the official code: the squared error is **summed over every feature**
-    (channels and positions) of an example and **averaged over the batch**,
-    $\frac1N\sum_n \frac12 \sum_{c,i,j} (u_{n,c,i,j} - r_{n,c,i,j})^2$. The teacher's features
+    The official ``HintCost`` does exactly this only for a fully connected regressor (a flat
+    hint). For a convolutional regressor it sums over ``axis=1`` of the 4-D map and averages
+    over the other three axes, the batch included. In the CIFAR configs' maxout layers, laid
+    out ``('c', 0, 1, 'b')``, axis 1 is the map's rows, so its value is this loss divided by
+    $C_h S_{h,2}$ (channels times columns); in a ``('b', 'c', 0, 1)`` layout axis 1 would be the
+    channels and the divisor $S_{h,1} S_{h,2}$. A constant factor either way, and the official
+    code trains with RMSProp, which ignores it. :class:`HintObjective` minimises this
+    loss divided by the number of hint features, and logs it undivided. The teacher's features
     are a target (detached). Computed in float32 under mixed precision.
     """
     if regressed_student_features.shape != teacher_features.shape or regressed_student_features.ndim < 2:
@@ -210,11 +229,12 @@ def fitnets_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     temperature: float = 3.0, kd_weight: float = 4.0, *, check_inputs: bool = True) -> torch.Tensor:
     r"""FitNets' stage-2 loss, as in the official code (``KDCost``):
 
-    $$\mathcal L_\mathrm{KD} = H\big(y, \mathrm{softmax}(z)\big)
-      + \lambda\, H\big(\mathrm{softmax}(v/\tau), \mathrm{softmax}(z/\tau)\big),$$
+    $$\mathcal L_\mathrm{FitNets} = H\big(q, p^s\big) + \lambda\, H\big(p^t_T, p^s_T\big),
+      \qquad p^s_T = \mathrm{softmax}(z/T),\ p^t_T = \mathrm{softmax}(v/T),$$
 
-    batch means of cross-entropies, **without** Hinton's $\tau^2$ factor. (The soft term is a
-    cross-entropy, so it is the KL plus the teacher's entropy: the same gradient, a larger value.)
+    batch means of cross-entropies, **without** Hinton's $T^2$ factor (the paper calls this
+    whole loss $\mathcal L_\mathrm{KD}$ and writes $\tau$ for $T$). The soft term is a
+    cross-entropy, so it is the KL plus the teacher's entropy: the same gradient, a larger value.
     ``check_inputs`` warns when the logits look like probabilities (a host sync:
     :class:`FitNetsKD` checks on its first step only).
     """
@@ -225,10 +245,17 @@ def fitnets_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def kd_weight(epoch: int, *, initial: float = 4.0, final: float = 1.0, start: int = 5, saturate: int = 400) -> float:
-    r"""The teacher weight $\lambda$ after ``epoch`` finished epochs, as the official
-    ``TeacherDecayOverEpoch`` sets it: ``initial`` until ``start``, then down by
-    $(\lambda_0 - \lambda_f)/(\text{saturate} - \text{start} + 1)$ per epoch, ``final`` from
-    ``saturate`` on (never below 0). Defaults: the CIFAR configs (4 -> 1, epochs 5 to 400).
+    r"""The teacher weight $\lambda$ used **during epoch** ``epoch``, counting epochs from 1, as
+    the official ``TeacherDecayOverEpoch`` sets it: ``initial`` while ``epoch < start``, then
+    down by $(\lambda_0 - \lambda_f)/(\text{saturate} - \text{start} + 1)$ per epoch, ``final``
+    from ``saturate`` on (never below 0). Defaults: the CIFAR configs (4 -> 1, start 5,
+    saturate 400).
+
+    Why "during epoch ``epoch``": the extension counts its ``on_monitor`` calls, and pylearn2
+    calls ``on_monitor`` once before the first epoch and once after each, so the count is 1
+    while the first epoch trains. ``epoch=0`` gives the value set before that first call,
+    which no step trains with. :class:`FitNetsKD` reads ``kd_weight(self.epoch + 1)``
+    (``fit``'s epochs count from 0).
     """
     if not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
@@ -288,9 +315,11 @@ class HintObjective(TeacherObjective):
     example's features). The objective owns ``regressor``, so ``fit`` trains it too.
 
     With ``normalize=True`` the loss minimised is $\mathcal L_\mathrm{HT}$ divided by the number
-    of hint features per example ($O_h N_{h,1} N_{h,2}$): a per-feature squared error (halved).
-    The official code used RMSProp, which does not care about the loss's scale; with SGD, the
-    summed loss would need a learning rate thousands of times smaller than the course recipe's.
+    of hint features per example ($C_h S_{h,1} S_{h,2}$): a per-feature squared error, halved,
+    which is ``0.5 * F.mse_loss(regressed, hint)``. Same minimiser, gradient scaled by a
+    constant. The official code used RMSProp, which does not care about the loss's scale; with
+    SGD, the summed loss would need a learning rate thousands of times smaller than the course
+    recipe's.
     """
 
     def __init__(self, teacher: nn.Module, hint: str, regressor: HintRegressor, normalize: bool = True) -> None:
@@ -316,13 +345,15 @@ class HintObjective(TeacherObjective):
 
 class FitNetsKD(TeacherObjective):
     r"""Stage 2 as an objective: :func:`fitnets_kd_loss` with the teacher weight $\lambda$ of
-    :func:`kd_weight` at the current epoch, which ``fit`` sets (so a resumed run continues the
-    schedule where it stopped). ``start`` and ``saturate`` are epochs, as in :func:`kd_weight`;
-    leave them ``None`` to compress the decay into the run (:func:`short_schedule` of the
-    run's epochs): $\lambda$ = ``initial`` in the first epoch, ``final`` in the last.
+    the official schedule, ``kd_weight(self.epoch + 1)`` during ``fit``'s epoch ``self.epoch``
+    (counted from 0, :func:`kd_weight` counts from 1). It reads the epoch that ``fit`` sets,
+    so a resumed run continues the schedule where it stopped. ``start`` and ``saturate`` are
+    epochs, as in :func:`kd_weight`; leave them ``None`` to compress the decay into the run
+    (:func:`short_schedule` of the run's epochs): $\lambda$ = ``initial`` in the first epoch,
+    ``final`` in the last.
 
     Terms logged: ``ce`` (label cross-entropy), ``kd`` (the soft cross-entropy
-    $H(p^\tau_T, p^\tau_S)$, unweighted) and ``weight`` ($\lambda$ of the epoch).
+    $H(p^t_T, p^s_T)$, unweighted) and ``weight`` ($\lambda$ of the epoch).
     """
 
     def __init__(self, teacher: nn.Module, *, temperature: float = 3.0, initial: float = 4.0, final: float = 1.0,
@@ -342,7 +373,7 @@ class FitNetsKD(TeacherObjective):
             schedule = short_schedule(max(self.total_steps // max(self.steps_per_epoch, 1), 1))
         else:
             schedule = {"start": self.start, "saturate": self.saturate}
-        return kd_weight(self.epoch, initial=self.initial, final=self.final, **schedule)
+        return kd_weight(self.epoch + 1, initial=self.initial, final=self.final, **schedule)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         teacher_logits = self.teacher_forward(x)
@@ -359,10 +390,12 @@ class FitNetsKD(TeacherObjective):
 class FitNetRun:
     """What :func:`train_fitnet` returns: the trained ``student``, the stage-1 ``regressor``
     (discarded by the method; kept for inspection), both stages' histories, and a CPU copy of
-    the student's weights right after stage 1 (``after_hints``, to look at what the hints did)."""
+    the student's weights right after stage 1 (``after_hints``, to look at what the hints did).
+    :func:`train_student` returns one for every method (``regressor``: the one-stage variant's
+    :class:`~minidistill.losses.FeatureRegressor`, or ``None``)."""
 
     student: nn.Module
-    regressor: HintRegressor | None
+    regressor: nn.Module | None
     hint_history: History | None
     history: History
     after_hints: dict[str, torch.Tensor] | None = None
@@ -370,11 +403,31 @@ class FitNetRun:
 
 def short_schedule(epochs: int) -> dict[str, int]:
     """``start`` and ``saturate`` for :func:`kd_weight` that compress the official schedule
-    into a run of ``epochs``: the weight is ``initial`` in the first epoch and ``final`` in the
-    last, linear in between (for runs of 3 epochs or more)."""
+    into a run of ``epochs``: the weight is ``initial`` during epoch 1 and ``final`` during
+    epoch ``epochs``, linear in between (for runs of 3 epochs or more; a 2-epoch run gets
+    ``initial`` and the midpoint)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    return {"start": 1, "saturate": max(epochs - 1, 2)}
+    return {"start": 2, "saturate": max(epochs, 3)}
+
+
+def equivalent_alpha(kd_weight: float, temperature: float) -> float:
+    r"""Hinton's $\alpha$ whose loss has the same balance between the label term and the soft
+    term as FitNets' loss with weight $\lambda$ = ``kd_weight`` at temperature $T$:
+
+    $$\alpha = \frac{\lambda}{\lambda + T^2}, \qquad
+      (1-\alpha)\,\nabla\mathcal L_\mathrm{FitNets} = \nabla\big[(1-\alpha)\,H(q, p^s)
+      + \alpha\,T^2\,\mathrm{KL}(p^t_T \,\|\, p^s_T)\big],$$
+
+    since $\nabla H(p^t_T, p^s_T) = \nabla \mathrm{KL}(p^t_T \| p^s_T)$ and
+    $\alpha T^2 = (1-\alpha)\lambda$. The two losses then differ by the factor $1-\alpha$ (a
+    learning-rate scale), not in direction. Used for the one-stage variant, which is built on
+    Hinton's loss (:class:`~minidistill.losses.FeatureDistillation`).
+    """
+    if not (isinstance(kd_weight, (int, float)) and kd_weight >= 0 and math.isfinite(kd_weight)):
+        raise ValueError(f"kd_weight must be a finite number >= 0, got {kd_weight!r}")
+    check_temperature(temperature)
+    return kd_weight / (kd_weight + temperature**2)
 
 
 def train_fitnet(
@@ -422,6 +475,10 @@ def train_fitnet(
     return FitNetRun(student, regressor.eval(), hint_history, history, after_hints)
 
 
+#: the methods :func:`train_student` knows
+METHODS = ("alone", "KD", "FitNet", "one-stage")
+
+
 def train_student(
     method: str,
     make_student: Callable[[], nn.Module],
@@ -434,23 +491,37 @@ def train_student(
     guided: str = "layer2",
     hint: str = "layer2",
     temperature: float = 3.0,
+    hint_weight: float = 100.0,
+    alpha: float | None = None,
     catch_divergence: bool = True,
     **fit_kwargs,
 ) -> FitNetRun:
-    """Train a fresh student (``make_student()`` right after seeding with ``seed``) by
-    ``method``: ``"alone"`` (cross-entropy), ``"KD"`` (:class:`FitNetsKD`, the paper's KD
-    baseline: same loss and schedule as stage 2, no hints) or ``"FitNet"``
-    (:func:`train_fitnet`). Same seed, same initial weights and data order for every method
+    r"""Train a fresh student (``make_student()`` right after seeding with ``seed``) by
+    ``method``:
+
+    * ``"alone"``: cross-entropy;
+    * ``"KD"``: :class:`FitNetsKD`, the paper's KD baseline (same loss and schedule as stage 2,
+      no hints); give it a longer ``recipe`` for a baseline of equal compute;
+    * ``"FitNet"``: the paper's two stages (:func:`train_fitnet`, needs ``hint_recipe``);
+    * ``"one-stage"``: hint and KD together in one run, as RepDistiller runs FitNets:
+      :class:`~minidistill.losses.FeatureDistillation` between the student's ``guided`` and
+      the teacher's ``hint`` layer, with hint weight ``hint_weight`` ($\beta$; default 100,
+      RepDistiller's ``-b 100``), ``temperature`` and Hinton's ``alpha`` (default
+      :func:`equivalent_alpha` of $\lambda = 2.5$, the mean weight of FitNets' schedule
+      4 -> 1, so that the soft term weighs what it weighs in the KD baseline, on average).
+
+    Same seed, same initial weights and data order for every method
     (:func:`~minidistill.train.train_model`). Other keyword arguments go to ``fit``
     (``eval_every=None`` for runs whose curves are not plotted, say).
 
     Returns a :class:`FitNetRun` (``regressor`` and ``hint_history`` are ``None`` unless
-    ``"FitNet"``). With ``catch_divergence`` a run whose loss blows up is reported
+    ``"FitNet"``; for ``"one-stage"`` ``regressor`` is the objective's trained regressor).
+    With ``catch_divergence`` a run whose loss blows up is reported
     (``history.meta['diverged']``, NaN accuracy) instead of stopping the notebook: failing to
     train is a result here.
     """
-    if method not in ("alone", "KD", "FitNet"):
-        raise ValueError(f"method must be 'alone', 'KD' or 'FitNet', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if method != "alone" and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher")
     if method == "FitNet" and hint_recipe is None:
@@ -467,9 +538,15 @@ def train_student(
             seed_everything(seed)  # as train_model does: the same start as the other methods
             return train_fitnet(build(), teacher, data, guided=guided, hint=hint, hint_recipe=hint_recipe,
                                 recipe=recipe, seed=seed, temperature=temperature, label=label, **fit_kwargs)
-        objective = FitNetsKD(teacher, temperature=temperature) if method == "KD" else None
+        if method == "one-stage":
+            alpha = equivalent_alpha(2.5, temperature) if alpha is None else alpha
+            objective = FeatureDistillation(teacher, layers=(guided, hint), weight=hint_weight,
+                                            temperature=temperature, alpha=alpha)
+        else:
+            objective = FitNetsKD(teacher, temperature=temperature) if method == "KD" else None
         student, history = train_model(build, data, recipe, objective, seed=seed, description=label, **fit_kwargs)
-        return FitNetRun(student, None, None, history)
+        regressor = objective.regressor.eval() if method == "one-stage" else None
+        return FitNetRun(student, regressor, None, history)
     except TrainingDiverged as e:
         if not catch_divergence:
             raise

@@ -1,12 +1,13 @@
-r"""Chapter 3's figures (FitNets), and the numbers behind them: the hint diagram, the budget
-curve, the pull of the stage-2 soft term against the temperature, and what the hint does to
-the guided layer (channel-averaged maps, and the held-out $R^2$ of the best linear map from
-the guided features to the hint). Every name is re-exported by
+r"""Chapter 3's figures (FitNets), and the numbers behind them: the hint diagram, the training
+curves of both stages on one epoch axis, the budget curve, the pull of the stage-2 soft term
+against the temperature, and what the hint does to the guided layer (channel-averaged maps,
+and the held-out $R^2$ of the best linear map from the guided features to the hint). Every
+name is re-exported by
 :mod:`minidistill.methods.fitnets`, where the notebook calls them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from ..losses import check_logits_pair
 
 __all__ = [
+    "plot_training",
     "plot_budget",
     "conv_layers",
     "plot_hint_diagram",
@@ -26,7 +28,71 @@ __all__ = [
 ]
 
 
-# -- the idea and the budget experiment ---------------------------------------------------------
+# -- the idea, the training curves and the budget experiment -----------------------------------
+
+def plot_training(hint_histories: Sequence, histories: Mapping[str, Sequence], offsets: Mapping[str, int] | None = None,
+                  title: str | None = None):
+    r"""The chapter's training curves on epoch axes with integer ticks.
+
+    Left (when stage 1 ran for 2 epochs or more; a single epoch is no curve and is left out):
+    stage 1's loss per epoch, the per-feature hint loss the trunk minimises, mean and min-max
+    band over ``hint_histories``. Right: test accuracy against the epochs of training each run
+    has used so far, one line per ``{label: [History, ...]}`` (mean over seeds, min-max band);
+    ``offsets[label]`` epochs of an earlier stage are added to that label's epochs, so that a
+    second stage starts where its first stage ended and runs of equal compute end at the same
+    place. Epochs that were not scored (NaN) are skipped. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    offsets = dict(offsets or {})
+    unknown = set(offsets) - set(histories)
+    if unknown:
+        raise ValueError(f"offsets name labels that have no histories: {sorted(unknown)}")
+    if not histories or any(len(list(hs)) == 0 for hs in histories.values()):
+        raise ValueError("every label needs at least one History")
+    stage1 = [h for h in hint_histories if len(h) >= 2]
+    panels = 2 if stage1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6), squeeze=False)
+    axes = axes[0]
+
+    def band(ax, xs, rows, label, color):
+        ys = torch.tensor(rows, dtype=torch.float64)
+        keep = ~torch.isnan(ys).any(0)
+        x = [v for v, k in zip(xs, keep.tolist()) if k]
+        ax.plot(x, ys.mean(0)[keep].numpy(), "o-", ms=3, color=color,
+                label=label + (f" (mean of {len(rows)})" if len(rows) > 1 else ""))
+        if len(rows) > 1:
+            ax.fill_between(x, ys.min(0).values[keep].numpy(), ys.max(0).values[keep].numpy(), alpha=0.2, color=color)
+
+    if stage1:
+        ax = axes[0]
+        band(ax, stage1[0]["epoch"], [h["train_loss"] for h in stage1], "stage 1 (trunk + regressor)", "C0")
+        ax.set_xlabel("stage-1 epoch")
+        ax.set_ylabel("hint loss per feature")
+        ax.set_title("Stage 1: the trunk learns the hint")
+    ax = axes[-1]
+    last = 0
+    for i, (label, hs) in enumerate(histories.items()):
+        hs = list(hs)
+        shift = offsets.get(label, 0)
+        xs = [e + shift for e in hs[0]["epoch"]]
+        last = max(last, xs[-1])
+        band(ax, xs, [h["test_acc"] for h in hs], label, f"C{i}")
+    for shift in sorted(set(offsets.values()) - {0}):
+        ax.axvline(shift + 0.5, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("epochs of training (stage 1 counted)" if offsets else "epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy")
+    for a in axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
 
 def plot_budget(depths: Sequence[int], accuracies: dict[str, Sequence[float]], budget: int,
                 title: str | None = None, ax=None):
@@ -88,7 +154,7 @@ def plot_hint_diagram(teacher_widths: Sequence[int], student_widths: Sequence[in
                 va="center", fontsize=8)
     (xt, _, yt_bottom), (xg, yg_top, _) = xs_t[hint], xs_s[guided]
     ax.add_patch(FancyArrowPatch((xg, yg_top), (xt, yt_bottom), arrowstyle="<|-|>", mutation_scale=12, color="C3", lw=1.5))
-    ax.text((xt + xg) / 2 + 0.2, (yg_top + yt_bottom) / 2, r"$\frac{1}{2}\|u_h(x) - r(v_g(x))\|^2$", color="C3",
+    ax.text((xt + xg) / 2 + 0.2, (yg_top + yt_bottom) / 2, r"$\frac{1}{2}\|f^t_h(x) - r(f^s_g(x))\|^2$", color="C3",
             fontsize=10, va="center")
     ax.set_xlim(-2.2, n + 0.3)
     ax.set_ylim(-0.2, 4.0)
@@ -105,10 +171,10 @@ def plot_hint_diagram(teacher_widths: Sequence[int], student_widths: Sequence[in
 
 def soft_term_balance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                       temperatures: Sequence[float]) -> dict[str, list[float]]:
-    r"""For each $\tau$: the norm of the gradient (w.r.t. the student logits) of the soft term
-    $H(p^\tau_T, p^\tau_S)$ divided by that of the label term $H(y, p_S)$, without the
-    $\tau^2$ factor (``'fitnets'``) and with it (``'hinton'``). Multiply by a weight
-    $\lambda$ to read the soft term's share of the update. Computed in float64."""
+    r"""For each temperature $T$: the norm of the gradient (w.r.t. the student logits) of the
+    soft term $H(p^t_T, p^s_T)$ divided by that of the label term $H(q, p^s)$, without the
+    $T^2$ factor (``'fitnets'``) and with it (``'hinton'``). Multiply by a weight $\lambda$ to
+    read the soft term's share of the update. Computed in float64."""
     from .fitnets import fitnets_kd_loss  # here, not at the top: fitnets re-exports this module's names
 
     check_logits_pair(student_logits, teacher_logits)
@@ -130,18 +196,18 @@ def soft_term_balance(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def plot_kd_balance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                     weight: float = 4.0, temperature: float = 3.0,
                     temperatures: Sequence[float] = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 20), ax=None):
-    r"""How strongly the soft term pulls, relative to the label term, as $\tau$ grows: the
+    r"""How strongly the soft term pulls, relative to the label term, as $T$ grows: the
     gradient-norm ratio of :func:`soft_term_balance` times ``weight``, for FitNets' term (no
-    $\tau^2$) and Hinton's ($\tau^2$), with ``temperature`` marked. Returns the figure."""
+    $T^2$) and Hinton's ($T^2$), with ``temperature`` marked. Returns the figure."""
     import matplotlib.pyplot as plt
 
     b = soft_term_balance(student_logits, teacher_logits, targets, temperatures)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 3.4))
-    ax.loglog(b["temperature"], [weight * r for r in b["fitnets"]], "o-", label=r"FitNets: $\lambda\,H$ (no $\tau^2$)")
-    ax.loglog(b["temperature"], [weight * r for r in b["hinton"]], "s-", label=r"Hinton: $\lambda\,\tau^2\,$KL")
-    ax.axvline(temperature, color="k", ls=":", lw=1, label=rf"$\tau$ = {temperature:g}")
+    ax.loglog(b["temperature"], [weight * r for r in b["fitnets"]], "o-", label=r"FitNets: $\lambda\,H$ (no $T^2$)")
+    ax.loglog(b["temperature"], [weight * r for r in b["hinton"]], "s-", label=r"Hinton: $\lambda\,T^2\,$KL")
+    ax.axvline(temperature, color="k", ls=":", lw=1, label=rf"$T$ = {temperature:g}")
     ax.axhline(1.0, color="gray", ls="--", lw=1, label="as strong as the label term")
-    ax.set_xlabel(r"temperature $\tau$")
+    ax.set_xlabel(r"temperature $T$")
     ax.set_ylabel("soft / label gradient norm")
     ax.set_title(rf"Pull of the soft term at weight $\lambda$ = {weight:g}")
     ax.legend(fontsize=8)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidistill.losses import soft_targets
+from minidistill.losses import FeatureDistillation, FeatureRegressor, kd_loss, soft_targets
 from minidistill import train
 from minidistill.exercises import fitnets as fitnets_exercises
 from minidistill.methods import fitnets, fitnets_plots
@@ -202,6 +202,28 @@ def test_soft_term_gradient_is_q_minus_p_over_tau_and_hinton_is_tau_squared_larg
     assert b["fitnets"][2] < b["fitnets"][1]  # without tau^2 the soft term fades at high tau
 
 
+@pytest.mark.parametrize("lam, t", [(2.5, 3.0), (4.0, 3.0), (1.0, 8.0), (0.0, 2.0)])
+def test_equivalent_alpha_gives_hintons_loss_the_same_gradient_up_to_one_minus_alpha(lam, t):
+    g = torch.Generator().manual_seed(7)
+    z0 = torch.randn(6, 10, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(6, 10, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 10, (6,), generator=g)
+    alpha = fitnets.equivalent_alpha(lam, t)
+    z = z0.clone().requires_grad_(True)
+    (g_fitnets,) = torch.autograd.grad(fitnets.fitnets_kd_loss(z, v, y, t, lam), z)
+    z = z0.clone().requires_grad_(True)
+    (g_hinton,) = torch.autograd.grad((1 - alpha) * F.cross_entropy(z, y) + alpha * kd_loss(z, v, t), z)
+    assert torch.allclose(g_hinton, (1 - alpha) * g_fitnets, rtol=1e-10, atol=1e-14)
+    assert fitnets.equivalent_alpha(2.5, 3.0) == pytest.approx(2.5 / 11.5)
+
+
+def test_equivalent_alpha_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kd_weight"):
+        fitnets.equivalent_alpha(-1.0, 3.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fitnets.equivalent_alpha(1.0, 0.0)
+
+
 def test_fitnets_kd_loss_rejects_bad_input():
     z, y = torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="same shape"):
@@ -254,7 +276,8 @@ def test_fitnets_kd_objective_reads_the_epoch_fit_sets_and_decays_from_4_to_1():
     assert weights[0] == weights[1] == weights[2]  # once per epoch
     explicit = FitNetsKD(teacher, start=1, saturate=4, initial=2.0, final=0.5)
     _as_fit_would(explicit, 2, steps_per_epoch=3, epochs=50)  # explicit epochs do not depend on the run's length
-    assert explicit.weight == pytest.approx(fitnets.kd_weight(2, initial=2.0, final=0.5, start=1, saturate=4))
+    # fit's epoch 2 (from 0) is the third epoch: kd_weight counts from 1, as the official code does
+    assert explicit.weight == pytest.approx(fitnets.kd_weight(3, initial=2.0, final=0.5, start=1, saturate=4))
     with pytest.raises(ValueError, match="both start and saturate"):
         FitNetsKD(teacher, start=1)
     with pytest.raises(ValueError, match="temperature"):
@@ -275,6 +298,49 @@ def test_fitnets_kd_objective_returns_logits_and_its_terms():
     assert torch.allclose(terms["ce"], F.cross_entropy(z, y))
     assert torch.allclose(terms["kd"], fitnets.fitnets_kd_loss(z, v, y, 2.0, 1.0) - F.cross_entropy(z, y))
     assert not any(t.requires_grad for t in terms.values())
+
+
+class _OfficialDecay:
+    """The official ``TeacherDecayOverEpoch`` driven the way pylearn2's ``Train.main_loop``
+    drives its extensions: ``setup`` (count = epochs seen = 0), ``on_monitor`` once before the
+    first epoch, then once after every epoch. A transcription of the official code, written
+    independently of :func:`fitnets.kd_weight`."""
+
+    def __init__(self, start, saturate, final_wteach, wteach):
+        self.start, self.saturate, self.final, self.wteach = start, saturate, final_wteach, wteach
+        self.init, self.step = wteach, (wteach - final_wteach) / (saturate - start + 1)
+        self.count = 0
+
+    def current(self):
+        if self.count >= self.start:
+            w = self.init - self.step * (self.count - self.start + 1) if self.count < self.saturate else self.final
+        else:
+            w = self.init
+        return max(w, 0)
+
+    def weights_during_epochs(self, epochs):
+        self.wteach = self.current()          # setup()
+        self.count += 1                       # on_monitor() before the first epoch
+        self.wteach = self.current()
+        seen = []
+        for _ in range(epochs):
+            seen.append(self.wteach)          # the epoch trains with this weight
+            self.count += 1                   # on_monitor() after the epoch
+            self.wteach = self.current()
+        return seen
+
+
+@pytest.mark.parametrize("start, saturate, final", [(5, 400, 1.0), (5, 9, 1.0), (2, 6, 0.0), (1, 3, 0.5)])
+def test_fitnets_kd_uses_the_official_weight_in_every_epoch(start, saturate, final):
+    official = _OfficialDecay(start, saturate, final, 4.0).weights_during_epochs(12)
+    obj = FitNetsKD(_teacher(), start=start, saturate=saturate, final=final)
+    ours = []
+    for epoch in range(12):                   # fit's epochs count from 0
+        _as_fit_would(obj, epoch, steps_per_epoch=2, epochs=12)
+        ours.append(obj.weight)
+    assert ours == pytest.approx(official)
+    if start == 5:
+        assert ours[3] == 4.0 and ours[4] < 4.0  # the decay reaches the fifth epoch, not the sixth
 
 
 class _Interrupted(Exception):
@@ -425,13 +491,48 @@ def test_train_student_gives_every_method_the_same_start(small, monkeypatch):
     monkeypatch.setattr(fitnets, "fit", spy)   # what train_fitnet calls
     teacher, recipe = _small_teacher(), Recipe(epochs=1, batch_size=128, lr=0.05)
     runs = {m: fitnets.train_student(m, lambda: PlainCNN(4, (4, 4, 4), 10), teacher, small, recipe=recipe,
-                                     hint_recipe=recipe, seed=5, progress=False) for m in ("alone", "KD", "FitNet")}
+                                     hint_recipe=recipe, seed=5, progress=False) for m in fitnets.METHODS}
     names = [n for n, _ in seen]
-    assert names == ["NoneType", "FitNetsKD", "HintObjective", "FitNetsKD"]
-    w_alone, w_kd, w_hint = seen[0][1], seen[1][1], seen[2][1]
-    assert all(torch.equal(w_alone[k], w_kd[k]) for k in w_alone)
+    assert names == ["NoneType", "FitNetsKD", "HintObjective", "FitNetsKD", "FeatureDistillation"]
+    w_alone, w_kd, w_hint, w_one = seen[0][1], seen[1][1], seen[2][1], seen[4][1]
+    assert all(torch.equal(w_alone[k], w_kd[k]) and torch.equal(w_alone[k], w_one[k]) for k in w_alone)
     assert all(torch.equal(w_alone[k], w_hint[f"stages.{k}"]) for k in w_alone if k.startswith("stem"))
     assert runs["alone"].regressor is None and runs["FitNet"].hint_history is not None
+
+
+def test_one_stage_trains_hint_and_kd_together_with_fitnets_balance(small):
+    teacher, recipe = _small_teacher(), Recipe(epochs=2, batch_size=128, lr=0.05)
+    made = []
+
+    def make():
+        made.append(PlainCNN(4, (4, 4, 4), 10))
+        return made[-1]
+
+    run = fitnets.train_student("one-stage", make, teacher, small, recipe=recipe, progress=False)
+    assert run.student is made[0] and run.hint_history is None and run.history.meta["objective"] == "FeatureDistillation"
+    assert isinstance(run.regressor, FeatureRegressor) and not run.regressor.training
+    assert {"train_ce", "train_kd", "train_hint", "train_acc"} <= set(run.history.records[0])
+    assert len(run.history) == 2 and 0 <= run.history.final("test_acc") <= 100
+    # the objective the method builds: the guided and hint layers, beta, T and the lambda-matched alpha
+    seen = {}
+    real = fitnets.FeatureDistillation
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.update(layers=self.layers, weight=self.weight, temperature=self.temperature, alpha=self.alpha)
+
+    try:
+        fitnets.FeatureDistillation = Spy
+        fitnets.train_student("one-stage", make, teacher, small, recipe=Recipe(epochs=1, batch_size=256),
+                              guided="layer1", hint="layer2", progress=False)
+        assert seen == dict(layers=("layer1", "layer2"), weight=100.0, temperature=3.0, alpha=pytest.approx(2.5 / 11.5))
+        fitnets.train_student("one-stage", make, teacher, small, recipe=Recipe(epochs=1, batch_size=256),
+                              hint_weight=5.0, alpha=0.9, temperature=4.0, progress=False)
+        assert seen["weight"] == 5.0 and seen["alpha"] == 0.9 and seen["temperature"] == 4.0
+    finally:
+        fitnets.FeatureDistillation = real
+    assert FeatureDistillation is real
 
 
 def test_train_student_passes_eval_every_on(small):
@@ -459,8 +560,10 @@ def test_train_student_reports_divergence_instead_of_crashing(small):
 
 def test_train_student_rejects_bad_methods(tiny):
     r = Recipe(epochs=1)
-    with pytest.raises(ValueError, match="method must be"):
+    with pytest.raises(ValueError, match="method must be one of 'alone', 'KD', 'FitNet', 'one-stage'"):
         fitnets.train_student("hints", lambda: None, None, tiny, recipe=r)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        fitnets.train_student("one-stage", lambda: None, None, tiny, recipe=r)
     with pytest.raises(ValueError, match="needs a teacher"):
         fitnets.train_student("KD", lambda: None, None, tiny, recipe=r)
     with pytest.raises(ValueError, match="hint_recipe"):
@@ -520,9 +623,11 @@ def test_hint_r2_is_one_for_a_linear_hint_and_near_zero_for_noise():
 
 
 def test_short_schedule_runs_from_initial_to_final():
-    weights = [fitnets.kd_weight(e, **fitnets.short_schedule(5)) for e in range(5)]
+    weights = [fitnets.kd_weight(e, **fitnets.short_schedule(5)) for e in range(1, 6)]  # epochs 1..5
     assert weights == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0])
-    assert fitnets.kd_weight(0, **fitnets.short_schedule(1)) == 4.0
+    assert [fitnets.kd_weight(e, **fitnets.short_schedule(3)) for e in (1, 2, 3)] == pytest.approx([4.0, 2.5, 1.0])
+    assert [fitnets.kd_weight(e, **fitnets.short_schedule(2)) for e in (1, 2)] == pytest.approx([4.0, 2.5])
+    assert fitnets.kd_weight(1, **fitnets.short_schedule(1)) == 4.0
     with pytest.raises(ValueError, match="epochs"):
         fitnets.short_schedule(0)
 
@@ -546,6 +651,43 @@ def test_plot_hint_diagram_and_plot_budget_are_labelled():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["alone", "KD"]
     with pytest.raises(ValueError, match="one accuracy per depth"):
         fitnets.plot_budget([4, 7], {"alone": [80.0]}, 1)
+
+
+def _history(epochs, acc=None, loss=None, stage=None):
+    records = []
+    for e in range(1, epochs + 1):
+        r = {"epoch": e, "train_loss": (loss or (lambda e: 1.0 / e))(e)}
+        if acc is not None:
+            r["test_acc"] = acc(e)
+        records.append(r)
+    return train.History(records, {"stage": stage} if stage else {})
+
+
+def test_plot_training_shifts_second_stages_and_uses_integer_epoch_ticks():
+    hints = [_history(3, stage="hints"), _history(3, loss=lambda e: 2.0 / e)]
+    curves = {"alone": [_history(4, acc=lambda e: 10.0 * e)] * 2,
+              "KD, equal compute": [_history(7, acc=lambda e: 9.0 * e)],
+              "FitNet": [_history(4, acc=lambda e: float("nan") if e == 2 else 11.0 * e)]}
+    fig = fitnets.plot_training(hints, curves, offsets={"FitNet": 3}, title="t")
+    left, right = fig.axes
+    assert left.get_xlabel() == "stage-1 epoch" and left.lines[0].get_xdata().tolist() == [1, 2, 3]
+    assert left.lines[0].get_ydata().tolist() == pytest.approx([1.5, 0.75, 0.5])  # mean of the two runs
+    xs = {line.get_label().split(" (")[0]: line.get_xdata().tolist() for line in right.lines if line.get_label()[0] != "_"}
+    assert xs == {"alone": [1, 2, 3, 4], "KD, equal compute": [1, 2, 3, 4, 5, 6, 7], "FitNet": [4, 6, 7]}  # NaN skipped
+    assert "stage 1 counted" in right.get_xlabel() and right.get_ylabel() == "test accuracy (%)"
+    for ax in (left, right):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    assert fig._suptitle.get_text() == "t"
+
+
+def test_plot_training_leaves_out_a_one_epoch_stage_1_and_checks_its_input():
+    fig = fitnets.plot_training([_history(1)], {"alone": [_history(3, acc=lambda e: 50.0)]})
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "epoch"   # no one-point stage-1 curve
+    with pytest.raises(ValueError, match="offsets name labels"):
+        fitnets.plot_training([], {"alone": [_history(3, acc=lambda e: 50.0)]}, offsets={"FitNet": 2})
+    with pytest.raises(ValueError, match="at least one History"):
+        fitnets.plot_training([], {"alone": []})
 
 
 def test_plot_kd_balance_is_labelled():
@@ -590,8 +732,12 @@ def test_check_kernel_size(capsys):
 def test_check_hint_loss(capsys):
     fitnets.check_hint_loss(fitnets.hint_loss)
     assert "✓" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="mse_loss"):
+    with pytest.raises(AssertionError, match="that is F.mse_loss, which averages over the features"):
         fitnets.check_hint_loss(lambda r, u: F.mse_loss(r, u))
+    with pytest.raises(AssertionError, match=r"that is 0.5 \* F.mse_loss: the per-feature loss that stage 1 minimises"):
+        fitnets.check_hint_loss(lambda r, u: 0.5 * F.mse_loss(r, u))
+    fitnets.check_hint_loss(lambda r, u: 0.5 * F.mse_loss(r, u, reduction="sum") / len(r))  # another correct form
+    assert "✓" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="1/2"):
         fitnets.check_hint_loss(lambda r, u: (u - r).pow(2).flatten(1).sum(1).mean())
     with pytest.raises(AssertionError, match="over the batch"):
@@ -600,6 +746,7 @@ def test_check_hint_loss(capsys):
         fitnets.check_hint_loss(lambda r, u: 0.5 * (u - r).pow(2).flatten(1).sum(1))
 
 
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
 def test_check_fitnets_kd_loss(capsys):
     fitnets.check_fitnets_kd_loss(fitnets.fitnets_kd_loss)
     assert "✓" in capsys.readouterr().out
@@ -607,16 +754,29 @@ def test_check_fitnets_kd_loss(capsys):
     def hinton(z, v, y, tau, lam):
         return F.cross_entropy(z, y) + lam * tau**2 * (fitnets.fitnets_kd_loss(z, v, y, tau, 1.0) - F.cross_entropy(z, y))
 
-    def kl(z, v, y, tau, lam):
-        return F.cross_entropy(z, y) + lam * F.kl_div(F.log_softmax(z / tau, -1), soft_targets(v, tau), reduction="batchmean")
+    def kl(z, v, y, tau, lam, reduction="batchmean"):
+        return F.cross_entropy(z, y) + lam * F.kl_div(F.log_softmax(z / tau, -1), soft_targets(v, tau), reduction=reduction)
 
     def untempered(z, v, y, tau, lam):
         return F.cross_entropy(z, y) - lam * (soft_targets(v, tau) * F.log_softmax(z, -1)).sum(-1).mean()
 
-    with pytest.raises(AssertionError, match="tau²"):
+    def by_hand(z, v, y, tau, lam):  # the cross-entropy written out with softmax and log
+        p_t, p_s = torch.softmax(v / tau, -1), torch.softmax(z / tau, -1)
+        return -torch.log_softmax(z, -1)[torch.arange(len(y)), y].mean() - lam * (p_t * p_s.log()).sum(-1).mean()
+
+    # the KL form has the same gradient: accepted, with a note saying so
+    fitnets.check_fitnets_kd_loss(kl)
+    out = capsys.readouterr().out
+    assert "✓" in out and "KL form" in out and "same gradient" in out
+    fitnets.check_fitnets_kd_loss(by_hand)
+    assert "✓ FitNets KD loss: correct\n" == capsys.readouterr().out
+
+    with pytest.raises(AssertionError, match="T²"):
         fitnets.check_fitnets_kd_loss(hinton)
-    with pytest.raises(AssertionError, match="entropy"):
-        fitnets.check_fitnets_kd_loss(kl)
+    with pytest.raises(AssertionError, match="T²"):  # Hinton's T² on the KL form
+        fitnets.check_fitnets_kd_loss(lambda z, v, y, t, lam: kl(z, v, y, t, lam * t**2))
+    with pytest.raises(AssertionError, match="batchmean"):
+        fitnets.check_fitnets_kd_loss(lambda z, v, y, t, lam: kl(z, v, y, t, lam, reduction="mean"))
     with pytest.raises(AssertionError, match="soften the student"):
         fitnets.check_fitnets_kd_loss(untempered)
     with pytest.raises(AssertionError, match="value"):
