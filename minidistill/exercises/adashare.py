@@ -85,8 +85,8 @@ def check_straight_through(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
 
 
 def check_sharing_loss(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 3: ``fn(alpha)`` must return the paper's sharing loss for select probabilities
-    ``alpha`` ``[tasks, blocks]``: $\\sum_{k_1<k_2}\\sum_l \\frac{L-l}{L}|\\alpha_{l,k_1}-\\alpha_{l,k_2}|$,
+    """Exercise 3: ``fn(pi)`` must return the paper's sharing loss for select probabilities
+    ``pi`` ``[tasks, blocks]``: $\\sum_{m_1<m_2}\\sum_l \\frac{L-l}{L}|\\pi_{l,m_1}-\\pi_{l,m_2}|$,
     blocks numbered $l = 0, \\dots, L-1$ from the input."""
     g = torch.Generator().manual_seed(1)
     cases = [torch.rand(k, n, generator=g, dtype=torch.float64) for k, n in ((2, 3), (3, 6), (4, 5))]

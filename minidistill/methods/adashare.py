@@ -27,22 +27,25 @@ from ..losses import Objective, upcast
 from ..models import BasicBlock
 from ..runtime import get_device, show_progress
 from ..train import History, Recipe, Run, fit, train_model
-from .adashare_plots import plot_policy, plot_relaxed_samples
+from .adashare_plots import plot_estimator_budget, plot_estimator_race, plot_policy, plot_relaxed_samples
 from .adashare_tasks import (TASKS, _check_tasks, _task_inputs, edge_map, evaluate_tasks, relative_gain,
                              results_markdown, rotate_batch)
-from .gumbel import (ESTIMATORS, chi_square_test, check_tau, exact_gradient, gradient_samples,
-                     gradient_statistics, gumbel_max, gumbel_noise, gumbel_softmax)
+from .gumbel import (ESTIMATORS, chi_square_test, check_tau, estimator_race, exact_gradient, gradient_samples,
+                     gradient_statistics, gumbel_max, gumbel_noise, gumbel_softmax, kolmogorov_q, ks_two_sample,
+                     mse_at_budget)
 
 __all__ = [
     # the network, its policy and the regularisers
     "TASKS", "AdaShareNet", "IndependentNets", "select_probabilities", "sparsity_loss", "sharing_loss",
-    "curriculum_schedule", "sample_policy", "random_policy", "deployed_parameters",
+    "curriculum_schedule", "sample_policy", "random_policy", "policy_entropy", "deployed_parameters",
     # tasks, objective, training, evaluation
     "rotate_batch", "edge_map", "MultiTaskLoss", "learn_policy", "AdaShareRun", "train_adashare",
     "train_baseline", "evaluate_tasks", "relative_gain", "results_markdown",
     # re-exported from methods/adashare_tasks.py, methods/gumbel.py, methods/adashare_plots.py and exercises/adashare.py
-    "gumbel_noise", "gumbel_max", "gumbel_softmax", "chi_square_test", "ESTIMATORS", "exact_gradient",
-    "gradient_samples", "gradient_statistics", "plot_relaxed_samples", "plot_policy",
+    "gumbel_noise", "gumbel_max", "gumbel_softmax", "chi_square_test", "ks_two_sample", "kolmogorov_q",
+    "ESTIMATORS", "exact_gradient", "gradient_samples", "gradient_statistics", "mse_at_budget", "estimator_race",
+    "plot_relaxed_samples", "plot_policy",
+    "plot_estimator_race", "plot_estimator_budget",
     "check_gumbel_max", "check_straight_through", "check_sharing_loss",
 ]
 
@@ -61,20 +64,20 @@ class AdaShareNet(nn.Module):
     r"""A CIFAR ResNet shared by several tasks, each with its own head and its own policy.
 
     ``widths = (stem, stage 1, ...)``, ``blocks_per_stage`` :class:`~minidistill.models.BasicBlock`
-    per stage: $L$ = ``blocks_per_stage * (len(widths) - 1)`` blocks. For task $k$, block $l$ computes
+    per stage: $L$ = ``blocks_per_stage * (len(widths) - 1)`` blocks. For task $m$, block $l$ computes
 
-    $$x_{l+1} = v_{l,k}\,\mathrm{ReLU}\big(s_l(x_l) + F_l(x_l)\big) + (1 - v_{l,k})\,s_l(x_l),$$
+    $$x_{l+1} = d_{l,m}\,\mathrm{ReLU}\big(P_l(x_l) + F_l(x_l)\big) + (1 - d_{l,m})\,P_l(x_l),$$
 
-    with $s_l$ the block's shortcut (the identity, or a 1x1 convolution where the shape changes, as in
-    the released code) and $v_{l,k} \in [0, 1]$ the weight of "select". $v$ comes from the *gating*:
+    with $P_l$ the block's shortcut (the identity, or a 1x1 convolution where the shape changes, as in
+    the released code) and $d_{l,m} \in [0, 1]$ the weight of "select". $d$ comes from the *gating*:
 
-    - ``'all'``: $v = 1$ everywhere (hard parameter sharing; AdaShare's warm-up);
+    - ``'all'``: $d = 1$ everywhere (hard parameter sharing; AdaShare's warm-up);
     - ``'policy'``: a fixed binary policy ``[tasks, blocks]`` (:meth:`fix_policy`);
     - ``'gumbel'``: in training, soft Gumbel-softmax samples of ``policy_logits`` at
       temperature ``tau`` for the last ``num_learnable`` blocks, the earlier ones forced to
       "select" (the curriculum); in eval mode, the most likely policy;
     - ``'stochastic_depth'``: in training, Bernoulli samples, survival falling linearly from 1 to
-      ``p_last`` over the blocks (Huang et al. 2016); in eval mode, $v$ = that probability.
+      ``p_last`` over the blocks (Huang et al. 2016); in eval mode, $d$ = that probability.
 
     ``policy_logits`` ``[tasks, blocks, 2]`` (column 0 = select, 1 = skip) start equal, so
     $P(\text{select}) = 1/2$, as in the released code. ``model(x)`` is the first task's output;
@@ -150,7 +153,7 @@ class AdaShareNet(nn.Module):
         return 1 - pos / self.num_blocks * (1 - self.p_last)
 
     def gates(self) -> torch.Tensor:
-        """The select weights $v$ ``[tasks, blocks]`` for the next forward pass (sampled anew
+        """The select weights $d$ ``[tasks, blocks]`` for the next forward pass (sampled anew
         on each call in the stochastic gatings)."""
         k, n = self.policy.shape
         if self.gating == "all":
@@ -184,7 +187,7 @@ class AdaShareNet(nn.Module):
         return h
 
     def forward_tasks(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Every task's output, task $k$ on ``inputs[k]`` (or all on one tensor), in one pass
+        """Every task's output, task $m$ on ``inputs[m]`` (or all on one tensor), in one pass
         over the concatenated batch with each sample gated by its task's policy."""
         k = len(self.tasks)
         xs = [inputs] * k if isinstance(inputs, torch.Tensor) else list(inputs)
@@ -222,8 +225,8 @@ class IndependentNets(nn.Module):
 
 
 def select_probabilities(policy_logits: torch.Tensor) -> torch.Tensor:
-    r"""$\alpha_{l,k} = \mathrm{softmax}(a_{l,k})_0$, the probability that task $k$ selects
-    block $l$: ``[tasks, blocks, 2]`` logits in, ``[tasks, blocks]`` out."""
+    r"""$\pi_{l,m} = \mathrm{softmax}(a_{l,m})_0$, the probability that task $m$ selects
+    block $l$ (the paper's $\alpha_{l,k}$): ``[tasks, blocks, 2]`` logits in, ``[tasks, blocks]`` out."""
     if not isinstance(policy_logits, torch.Tensor) or policy_logits.ndim != 3 or policy_logits.shape[-1] != 2:
         raise ValueError("policy_logits must be [tasks, blocks, 2] (select, skip), got "
                          f"{tuple(getattr(policy_logits, 'shape', ()))}")
@@ -242,47 +245,49 @@ def sparsity_loss(policy_logits: torch.Tensor, num_learnable: int | None = None,
     r"""The sparsity regulariser over the last ``num_learnable`` blocks (default: all), the
     ones whose policy is being learned:
 
-    - ``form='paper'``: $\mathcal L_{sp} = \sum_k \sum_l \log \alpha_{l,k}$, which pushes
-      every $\alpha$ towards "skip";
+    - ``form='paper'``: $\mathcal L_{sp} = \sum_m \sum_l \log \pi_{l,m}$, which pushes
+      every $\pi$ towards "skip" and is unbounded below ($\to -\infty$ as any $\pi \to 0$);
     - ``form='code'``: the released code's cross-entropy towards the skip class, averaged over
-      the blocks and summed over tasks, $\sum_k \frac1n \sum_l -\log(1 - \alpha_{l,k})$.
+      the $L_p$ blocks and summed over tasks, $\sum_m \frac1{L_p} \sum_l -\log(1 - \pi_{l,m}) \ge 0$.
     """
     _check_form(form)
-    alpha_shape = select_probabilities(policy_logits).shape
-    n = alpha_shape[1] if num_learnable is None else num_learnable
-    if not isinstance(n, int) or not 1 <= n <= alpha_shape[1]:
-        raise ValueError(f"num_learnable must be an int in [1, {alpha_shape[1]}], got {num_learnable!r}")
-    log_p = torch.log_softmax(policy_logits[:, -n:], -1)  # log alpha (column 0), log(1 - alpha) (column 1)
+    shape = select_probabilities(policy_logits).shape
+    n = shape[1] if num_learnable is None else num_learnable
+    if not isinstance(n, int) or not 1 <= n <= shape[1]:
+        raise ValueError(f"num_learnable must be an int in [1, {shape[1]}], got {num_learnable!r}")
+    log_p = torch.log_softmax(policy_logits[:, -n:], -1)  # log pi (column 0), log(1 - pi) (column 1)
     if form == "paper":
         return log_p[..., 0].sum()
     return -log_p[..., 1].mean(-1).sum()
 
 
 def sharing_loss(policy_logits: torch.Tensor, form: str = "paper") -> torch.Tensor:
-    r"""The sharing regulariser, summed over pairs of tasks $k_1 < k_2$ and over blocks
+    r"""The sharing regulariser, summed over pairs of tasks $m_1 < m_2$ and over blocks
     $l = 0, \dots, L-1$ (numbered from the input):
 
-    - ``form='paper'``: $\sum_{k_1<k_2} \sum_l \frac{L - l}{L}\,|\alpha_{l,k_1} - \alpha_{l,k_2}|$,
+    - ``form='paper'``: $\sum_{m_1<m_2} \sum_l \frac{L - l}{L}\,|\pi_{l,m_1} - \pi_{l,m_2}|$,
       weights $1, \frac{L-1}{L}, \dots, \frac1L$: disagreeing on *early* blocks costs most, so
       tasks share the low layers;
-    - ``form='code'``: the released code's $\sum_{k_1<k_2} \sum_l \frac{l + 1}{L}\,|a_{l,k_1} - a_{l,k_2}|$
+    - ``form='code'``: the released code's $\sum_{m_1<m_2} \sum_l \frac{l + 1}{L}\,|a_{l,m_1} - a_{l,m_2}|$
       on the raw select logits $a$ (not probabilities), weights increasing with depth.
     """
     _check_form(form)
-    alpha = select_probabilities(policy_logits)
-    k, n = alpha.shape
-    pos = torch.arange(n, device=alpha.device, dtype=alpha.dtype)
+    pi = select_probabilities(policy_logits)
+    k, n = pi.shape
+    pos = torch.arange(n, device=pi.device, dtype=pi.dtype)
     if form == "paper":
-        values, weights = alpha, (n - pos) / n
+        values, weights = pi, (n - pos) / n
     else:
         values, weights = policy_logits[..., 0], (pos + 1) / n
-    i, j = torch.triu_indices(k, k, offset=1, device=alpha.device)
+    i, j = torch.triu_indices(k, k, offset=1, device=pi.device)
     return (weights * (values[i] - values[j]).abs()).sum()
 
 
 def curriculum_schedule(rounds: int, num_blocks: int, curriculum_speed: int = 3) -> list[int]:
-    r"""How many of the last blocks have a learnable policy in each policy round $p$:
-    $\min(L, \lfloor p / c \rfloor + 1)$ (one more block every $c$ rounds, from the top)."""
+    r"""How many of the last blocks have a learnable policy in each policy round, rounds counted
+    from 1: round $p$ learns the last $L_p = \min(L, \lceil p / c \rceil)$ blocks (one more block
+    every $c$ rounds, from the top; the released code's ``p_epoch // c + 1`` with ``p_epoch`` from 0).
+    Returns ``[L_1, ..., L_rounds]``."""
     for name, v in (("rounds", rounds), ("num_blocks", num_blocks), ("curriculum_speed", curriculum_speed)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -290,21 +295,39 @@ def curriculum_schedule(rounds: int, num_blocks: int, curriculum_speed: int = 3)
 
 
 def sample_policy(policy_logits: torch.Tensor, generator: torch.Generator | None = None,
-                  greedy: bool = False) -> torch.Tensor:
-    """A fixed binary policy ``[tasks, blocks]``: each block selected with probability $\\alpha_{l,k}$
-    (as the paper samples its architectures), or where $\\alpha > 1/2$ when ``greedy``."""
-    alpha = select_probabilities(policy_logits.detach()).cpu().double()
-    if greedy:
-        return (alpha > 0.5).float()
-    return (torch.rand(alpha.shape, generator=generator, dtype=torch.float64) < alpha).float()
+                  greedy: bool = False, num_learnable: int | None = None) -> torch.Tensor:
+    """A fixed binary policy ``[tasks, blocks]``: each of the last ``num_learnable`` blocks (default:
+    all) selected with probability $\\pi_{l,m}$ (as the paper samples its architectures), or where
+    $\\pi > 1/2$ when ``greedy``; the earlier blocks, which never entered the curriculum, selected."""
+    pi = select_probabilities(policy_logits.detach()).cpu().double()
+    n = pi.shape[1] if num_learnable is None else num_learnable
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= pi.shape[1]:
+        raise ValueError(f"num_learnable must be an int in [0, {pi.shape[1]}], got {num_learnable!r}")
+    drawn = pi > 0.5 if greedy else torch.rand(pi.shape, generator=generator, dtype=torch.float64) < pi
+    drawn[:, : pi.shape[1] - n] = True
+    return drawn.float()
 
 
-def random_policy(num_tasks: int, num_blocks: int, p_select: float = 0.5,
+def random_policy(num_tasks: int, num_blocks: int, num_selected: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random binary policy ``[tasks, blocks]``, each block selected with ``p_select``."""
-    if not 0 <= p_select <= 1 or num_tasks < 1 or num_blocks < 1:
-        raise ValueError(f"need p_select in [0, 1] and num_tasks, num_blocks >= 1, got {p_select!r}, {num_tasks}, {num_blocks}")
-    return (torch.rand(num_tasks, num_blocks, generator=generator, dtype=torch.float64) < p_select).float()
+    """A random binary policy ``[tasks, blocks]`` with exactly ``num_selected`` (task, block) pairs
+    selected, chosen uniformly among all such policies."""
+    if num_tasks < 1 or num_blocks < 1 or isinstance(num_selected, bool) or not isinstance(num_selected, int) \
+            or not 0 <= num_selected <= num_tasks * num_blocks:
+        raise ValueError(f"need num_tasks, num_blocks >= 1 and num_selected an int in [0, tasks * blocks], got "
+                         f"{num_tasks}, {num_blocks}, {num_selected!r}")
+    policy = torch.zeros(num_tasks * num_blocks)
+    policy[torch.randperm(num_tasks * num_blocks, generator=generator)[:num_selected]] = 1.0
+    return policy.view(num_tasks, num_blocks)
+
+
+def policy_entropy(probabilities: torch.Tensor) -> float:
+    r"""The mean binary entropy of select probabilities $\pi$, in bits: $-\frac{1}{ML}\sum_{l,m}
+    [\pi\log_2\pi + (1-\pi)\log_2(1-\pi)]$; 1 for an undecided policy ($\pi = 1/2$), 0 for a decided one."""
+    pi = torch.as_tensor(probabilities, dtype=torch.float64)
+    if pi.numel() == 0 or (pi < 0).any() or (pi > 1).any():
+        raise ValueError("probabilities must be a non-empty tensor of values in [0, 1]")
+    return (-(torch.special.xlogy(pi, pi) + torch.special.xlogy(1 - pi, 1 - pi)) / math.log(2)).mean().item()
 
 
 def deployed_parameters(model: nn.Module) -> int:
@@ -326,7 +349,7 @@ def deployed_parameters(model: nn.Module) -> int:
 class MultiTaskLoss(Objective):
     r"""The multi-task objective for :func:`~minidistill.train.fit`: make each task's input and
     target from the batch ``(x, y)``, run ``model.forward_tasks``, and return the class logits and
-    $\sum_k \lambda_k \mathcal L_k + \lambda_{sp}\,\mathcal L_{sparsity} + \lambda_{sh}\,\mathcal L_{sharing}$:
+    $\sum_m \lambda_m \mathcal L_m + \lambda_{sp}\,\mathcal L_{sparsity} + \lambda_{sh}\,\mathcal L_{sharing}$:
     cross-entropy for ``class`` and ``rotation``, L1 for ``edges`` (the released code's loss for
     depth); the regularisers (in ``form``, :func:`sparsity_loss` over the blocks the curriculum
     currently learns) only when their weights are > 0, as in :func:`learn_policy`'s policy pass.
@@ -384,12 +407,14 @@ def learn_policy(model: AdaShareNet, data: Dataset, objective: MultiTaskLoss, *,
     The training split is cut into two halves. Round $p$ is two one-epoch :func:`~minidistill.train.fit`
     calls with soft Gumbel-softmax gates at temperature $\tau_p$ (the released code's
     ``hard_sampling: False``): over the first half, the network weights learn ``objective``'s
-    $\sum_k \lambda_k \mathcal L_k$ (SGD with momentum, constant ``lr``; the policy logits frozen);
+    $\sum_m \lambda_m \mathcal L_m$ (SGD with momentum, constant ``lr``; the policy logits frozen);
     over the second half, the policy logits learn
-    $\sum_k \lambda_k \mathcal L_k + \lambda_{sp}\mathcal L_{sp} + \lambda_{sh}\mathcal L_{sh}$ (Adam,
+    $\sum_m \lambda_m \mathcal L_m + \lambda_{sp}\mathcal L_{sp} + \lambda_{sh}\mathcal L_{sh}$ (Adam,
     ``policy_lr``; the weights frozen). Frozen means ``requires_grad_(False)``: ``fit`` optimises only
-    parameters that require grad. In round $p$ only the last :func:`curriculum_schedule` blocks follow
-    the policy, and $\tau_{p+1} =$ ``tau_decay`` $\cdot\,\tau_p$ from ``tau0``. Defaults are the
+    parameters that require grad. Rounds are counted from 1: in round $p$ only the last
+    $L_p$ = :func:`curriculum_schedule` blocks follow the policy, at $\tau_p =$ ``tau0`` $\cdot$
+    ``tau_decay``$^{p-1}$. The model is left in the last round's gating, so blocks that never
+    entered the curriculum stay forced to "select". Defaults are the
     released code's NYU-v2 2-task values where it has them (Adam lr 0.01, $\tau_0 = 5$, decay 0.965,
     $c = 3$, $\lambda_{sp} = \lambda_{sh} = 0.05$).
 
@@ -453,18 +478,22 @@ def learn_policy(model: AdaShareNet, data: Dataset, objective: MultiTaskLoss, *,
         model.requires_grad_(True)
         if bar is not None:
             bar.close()
-    model.use_gumbel(tau, model.num_blocks)
+    model.use_gumbel(tau, schedule[-1])  # the curriculum as it ended: earlier blocks stay selected
     return history
 
 
 @dataclass
 class AdaShareRun:
     """What :func:`train_adashare` returns: the re-trained ``model`` (fixed ``policy``), the ``probabilities``
-    it was sampled from, the three phases' histories, and the weights after the warm-up (``warm_state``)."""
+    it was sampled from, the ``greedy`` policy ($\\pi > 1/2$; reported, not trained), the number of blocks
+    the curriculum reached (``num_learnable``; the others are selected), the three phases' histories, and
+    the weights after the warm-up (``warm_state``)."""
 
     model: AdaShareNet
     policy: torch.Tensor
     probabilities: torch.Tensor
+    greedy: torch.Tensor
+    num_learnable: int
     warmup: History
     policy_history: History
     history: History
@@ -481,7 +510,7 @@ def train_adashare(data: Dataset, recipe: Recipe, *, tasks: Sequence[str] = TASK
        ``recipe``'s optimiser and batch size; scored once, at the end: ``eval_every=None``);
     2. :func:`learn_policy` for ``rounds`` rounds (``policy_kwargs`` pass through);
     3. sample a fixed policy from the learned probabilities (:func:`sample_policy`; the most likely
-       one if ``greedy``);
+       one if ``greedy``), blocks outside the curriculum selected;
     4. re-train a network with that policy for ``recipe.epochs`` (``train_model``, same seed),
        **from the same initial weights** (the released code's ``retrain_from_pl: False``).
     ``fit_kwargs`` go to both ``train_model`` runs; ``amp`` and ``progress`` also to :func:`learn_policy`.
@@ -504,23 +533,27 @@ def train_adashare(data: Dataset, recipe: Recipe, *, tasks: Sequence[str] = TASK
     policy_history = learn_policy(model, data, objective, rounds=rounds, seed=seed, device=next(model.parameters()).device,
                                   amp=fit_kwargs.get("amp", "auto"), progress=fit_kwargs.get("progress"), **policy_kwargs)
     probabilities = select_probabilities(model.policy_logits.detach()).cpu()
-    policy = sample_policy(model.policy_logits, torch.Generator().manual_seed(seed), greedy=greedy)
+    learned = model.num_learnable  # the blocks the curriculum reached
+    most_likely = sample_policy(model.policy_logits, greedy=True, num_learnable=learned)
+    policy = most_likely if greedy else sample_policy(model.policy_logits, torch.Generator().manual_seed(seed),
+                                                      num_learnable=learned)
     final, history = train_model(lambda: build().fix_policy(policy), data, recipe, objective, seed=seed,
                                  description=f"AdaShare re-train (seed {seed})", **fit_kwargs)
-    return AdaShareRun(final, policy, probabilities, warm, policy_history, history, warm_state)
+    return AdaShareRun(final, policy, probabilities, most_likely, learned, warm, policy_history, history, warm_state)
 
 
 BASELINES = ("independent", "hard_sharing", "random", "stochastic_depth")
 
 
 def train_baseline(kind: str, data: Dataset, recipe: Recipe, *, tasks: Sequence[str] = TASKS,
-                   task_weights: Sequence[float] | None = None, seed: int = 0, p_select: float = 0.5,
+                   task_weights: Sequence[float] | None = None, seed: int = 0, num_selected: int | None = None,
                    p_last: float = 0.5, model_kwargs: Mapping | None = None, **fit_kwargs) -> Run:
     """Train one multi-task baseline from seed ``seed`` (:func:`~minidistill.train.train_model` with
     :class:`MultiTaskLoss`): ``'independent'`` (:class:`IndependentNets`), ``'hard_sharing'`` (every
-    task runs every block), ``'random'`` (a fixed random policy, each block selected with ``p_select``,
-    drawn from a generator seeded with ``10000 + seed``) or ``'stochastic_depth'`` (blocks dropped at
-    random, survival from 1 down to ``p_last``). Returns a :class:`~minidistill.train.Run`."""
+    task runs every block), ``'random'`` (a fixed random policy with exactly ``num_selected``
+    (task, block) pairs selected, default half of them, drawn from a generator seeded with
+    ``10000 + seed``) or ``'stochastic_depth'`` (blocks dropped at random, survival from 1 down to
+    ``p_last``). Returns a :class:`~minidistill.train.Run`."""
     if kind not in BASELINES:
         raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
     model_kwargs = dict(model_kwargs or {})
@@ -530,8 +563,9 @@ def train_baseline(kind: str, data: Dataset, recipe: Recipe, *, tasks: Sequence[
             return IndependentNets(tasks, data.num_classes, **model_kwargs)
         model = AdaShareNet(tasks, data.num_classes, **model_kwargs)  # gating 'all': hard sharing
         if kind == "random":  # its own random stream: never the draws that sample AdaShare's policy
-            model.fix_policy(random_policy(len(model.tasks), model.num_blocks, p_select,
-                                           torch.Generator().manual_seed(10_000 + seed)))
+            pairs = len(model.tasks) * model.num_blocks
+            model.fix_policy(random_policy(len(model.tasks), model.num_blocks, pairs // 2 if num_selected is None
+                                           else num_selected, torch.Generator().manual_seed(10_000 + seed)))
         return model.use_stochastic_depth(p_last) if kind == "stochastic_depth" else model
 
     return train_model(build, data, recipe, MultiTaskLoss(tasks, task_weights), seed=seed,

@@ -100,6 +100,9 @@ def test_regularisers_reject_bad_form_and_num_learnable():
 def test_curriculum_schedule():
     assert A.curriculum_schedule(7, 3, 2) == [1, 1, 2, 2, 3, 3, 3]
     assert A.curriculum_schedule(4, 6, 1) == [1, 2, 3, 4]
+    # rounds p = 1, 2, ... learn ceil(p / c) blocks; the released code's p_epoch // c + 1 counts from 0
+    assert A.curriculum_schedule(18, 6, 3) == [min(6, -(-p // 3)) for p in range(1, 19)]
+    assert A.curriculum_schedule(18, 6, 3) == [min(6, e // 3 + 1) for e in range(18)]
     with pytest.raises(ValueError, match="curriculum_speed"):
         A.curriculum_schedule(3, 3, 0)
 
@@ -113,13 +116,36 @@ def test_sample_policy_follows_the_probabilities():
     assert torch.allclose(draws.mean(0).double(), ALPHA, atol=0.05)
 
 
-def test_random_policy():
+def test_sample_policy_selects_the_blocks_outside_the_curriculum():
+    logits = _logits_from(torch.full((2, 4), 0.01, dtype=torch.float64))  # every block almost surely skipped
     g = torch.Generator().manual_seed(0)
-    assert A.random_policy(3, 5, 1.0, g).eq(1).all() and A.random_policy(3, 5, 0.0, g).eq(0).all()
-    p = A.random_policy(40, 50, 0.3, g)
-    assert p.shape == (40, 50) and abs(p.mean().item() - 0.3) < 0.03
-    with pytest.raises(ValueError, match="p_select"):
-        A.random_policy(2, 2, 1.5)
+    for greedy in (False, True):
+        policy = A.sample_policy(logits, g, greedy=greedy, num_learnable=1)
+        assert torch.equal(policy, torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2))
+    assert A.sample_policy(logits, g, num_learnable=0).eq(1).all()
+    assert A.sample_policy(logits, greedy=True, num_learnable=4).eq(0).all()
+    with pytest.raises(ValueError, match="num_learnable"):
+        A.sample_policy(logits, num_learnable=5)
+
+
+def test_random_policy_selects_exactly_num_selected_pairs():
+    g = torch.Generator().manual_seed(0)
+    assert A.random_policy(3, 5, 15, g).eq(1).all() and A.random_policy(3, 5, 0, g).eq(0).all()
+    draws = torch.stack([A.random_policy(3, 4, 5, g) for _ in range(2000)])
+    assert draws.shape == (2000, 3, 4) and (draws.sum((1, 2)) == 5).all()
+    assert torch.allclose(draws.mean(0), torch.full((3, 4), 5 / 12), atol=0.04)  # every pair equally likely
+    for bad in (13, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_selected"):
+            A.random_policy(3, 4, bad)
+
+
+def test_policy_entropy():
+    assert A.policy_entropy(torch.full((2, 3), 0.5)) == pytest.approx(1.0)
+    assert A.policy_entropy(torch.tensor([[0.0, 1.0]])) == 0.0
+    p = 0.1
+    assert A.policy_entropy(torch.tensor([[p, 1 - p]])) == pytest.approx(-(p * math.log2(p) + (1 - p) * math.log2(1 - p)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        A.policy_entropy(torch.tensor([1.5]))
 
 
 # -- the network ------------------------------------------------------------------------------
@@ -359,7 +385,7 @@ def test_learn_policy_alternates_fit_passes_and_learns_only_the_curriculum_block
     alpha = h.meta["probabilities"][-1]
     assert torch.equal(alpha[:, :2], torch.full((3, 2), 0.5))  # outside the curriculum: untouched
     assert (alpha[:, 2] - 0.5).abs().min() > 1e-3
-    assert net.gating == "gumbel" and net.num_learnable == 3 and not net.training
+    assert net.gating == "gumbel" and net.num_learnable == 1 and not net.training  # the curriculum as it ended
     assert all(p.requires_grad for p in net.parameters())
 
 
@@ -394,8 +420,10 @@ def test_train_adashare_retrains_the_sampled_policy_from_the_initial_weights(mic
     assert gating_warm == "all" and gating_re == "policy" and re_call["recipe"].epochs == 1
     assert warm_call["kw"]["eval_every"] is None and "eval_every" not in re_call["kw"]  # the warm-up is scored once
     assert all(torch.equal(w_warm[k], w_re[k]) for k in w_warm if k not in ("policy",))
-    resampled = A.sample_policy(_logits_from(run.probabilities.double()), torch.Generator().manual_seed(3))
-    assert torch.equal(run.policy, resampled)
+    assert run.num_learnable == 1  # one round at c = 1: only the last block was learned
+    resampled = A.sample_policy(_logits_from(run.probabilities.double()), torch.Generator().manual_seed(3), num_learnable=1)
+    assert torch.equal(run.policy, resampled) and run.policy[:, :2].eq(1).all()
+    assert torch.equal(run.greedy, A.sample_policy(_logits_from(run.probabilities.double()), greedy=True, num_learnable=1))
     assert torch.equal(run.model.policy, run.policy) and run.model.gating == "policy"
     assert len(run.warmup) == 1 and len(run.policy_history) == 1 and len(run.history) == 1
     assert set(run.warm_state) == set(run.model.state_dict())
@@ -413,6 +441,14 @@ def test_train_baseline_kinds(micro, kind):
     assert getattr(model, "gating", None) == expected[kind]
     if kind == "independent":
         assert isinstance(model, A.IndependentNets)
+    if kind == "random":  # default: half of the 3 x 3 (task, block) pairs, rounded down
+        assert int(model.policy.sum()) == 4
+
+
+def test_random_baseline_selects_exactly_as_many_pairs_as_asked(micro):
+    run = A.train_baseline("random", micro, Recipe(epochs=1, batch_size=64, lr=0.05), seed=2, num_selected=7,
+                           model_kwargs=TINY_NET)
+    assert int(run.model.policy.sum()) == 7 and run.model.gating == "policy"
 
 
 def test_train_baseline_rejects_unknown_kind(micro):
@@ -477,6 +513,47 @@ def test_plot_relaxed_samples_leaves_the_global_rng_alone():
         A.plot_relaxed_samples(torch.zeros(4))
     with pytest.raises(ValueError, match="tau"):
         A.plot_relaxed_samples(torch.zeros(3), taus=(0.0,))
+
+
+def _quadratic(y):
+    return ((y - torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=y.dtype)) ** 2).sum(-1)
+
+
+THETA = torch.tensor([0.3, -0.2, 0.8, 0.0], dtype=torch.float64)
+
+
+def test_plot_estimator_race_panels_and_bad_input():
+    torch.manual_seed(0)
+    race = A.estimator_race(THETA, _quadratic, taus=(0.5, 1.0, 2.0), draws=(2, 4), num_samples=500)
+    fig = A.plot_estimator_race(race, budgets=(8, 64))
+    axes = fig.axes
+    assert len(axes) == 3 and all(ax.get_xlabel() == "temperature τ" for ax in axes)
+    assert "per evaluation" in axes[0].get_title() and "MSE" in axes[2].get_title()
+    # the MSE panel: two relaxed curves per budget, at bias^2 + v / B
+    curves = [line for line in axes[2].get_lines() if len(line.get_xdata()) == 3]
+    assert len(curves) == 4
+    want = [A.mse_at_budget(race["gumbel_softmax", t], 8) for t in (0.5, 1.0, 2.0)]
+    assert any(list(c.get_ydata()) == pytest.approx(want) for c in curves)
+    labels = axes[0].get_legend_handles_labels()[1]
+    assert "REINFORCE + LOO, J = 2" in labels and "REINFORCE + LOO, J = 4" in labels
+    with pytest.raises(ValueError, match="race"):
+        A.plot_estimator_race({k: v for k, v in race.items() if k[0] != "straight_through"})
+    with pytest.raises(ValueError, match="budgets"):
+        A.plot_estimator_race(race, budgets=(0,))
+
+
+def test_plot_estimator_budget_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    fig = A.plot_estimator_budget(THETA, _quadratic, tau=0.5, hard=True, draws=3, budget=10, num_samples=500,
+                                  num_points=40)
+    assert torch.equal(state, torch.get_rng_state())
+    ax0, ax1 = fig.axes
+    assert "budget" in ax0.get_xlabel() and "B = 10" in ax1.get_title()
+    assert any("straight-through, τ = 0.5" in t for t in ax1.get_legend_handles_labels()[1])
+    assert len(ax1.collections) == 2 and all(len(c.get_offsets()) == 40 for c in ax1.collections)
+    for kwargs in (dict(draws=1), dict(draws=4, budget=3), dict(tau=0.0)):
+        with pytest.raises(ValueError, match="draws|tau"):
+            A.plot_estimator_budget(THETA, _quadratic, **kwargs)
 
 
 def test_plot_policy_grid():

@@ -47,15 +47,14 @@ def test_gumbel_softmax_rows_are_probability_vectors_of_the_input_dtype():
 
 
 def test_gumbel_softmax_agrees_in_distribution_with_torch():
-    logits = torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64).expand(100_000, 3)
+    logits = torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64).expand(30_000, 3)
     torch.manual_seed(2)
     ours = G.gumbel_softmax(logits, tau=0.7)
     theirs = F.gumbel_softmax(logits, tau=0.7)
-    assert torch.allclose(ours.mean(0), theirs.mean(0), atol=0.006)
-    assert torch.allclose(ours.std(0), theirs.std(0), atol=0.006)
-    # and not with a sampler at another temperature: the comparison can tell them apart
-    other = F.gumbel_softmax(logits, tau=1.5)
-    assert (ours.std(0) - other.std(0)).abs().max() > 0.03
+    assert all(G.ks_two_sample(ours[:, i], theirs[:, i])["p_value"] > 0.01 / 3 for i in range(3))
+    # and not with a sampler at another temperature: the test can tell them apart
+    other = F.gumbel_softmax(logits, tau=0.8)
+    assert all(G.ks_two_sample(ours[:, i], other[:, i])["p_value"] < 1e-6 for i in range(3))
 
 
 def test_hard_samples_are_exactly_one_hot_and_carry_the_soft_gradient():
@@ -134,33 +133,125 @@ def test_exact_gradient_matches_autograd_of_the_expectation():
         G.exact_gradient(THETA[None], _quadratic)
 
 
-def test_reinforce_is_unbiased_and_gumbel_softmax_is_biased_with_lower_variance():
+def test_reinforce_and_its_loo_baseline_are_unbiased_and_gumbel_softmax_is_biased():
     exact = G.exact_gradient(THETA, _quadratic)
     torch.manual_seed(0)
     n = 40_000
-    stats = {e: G.gradient_statistics(G.gradient_samples(THETA, _quadratic, e, n, tau=1.0), exact)
+    stats = {e: G.gradient_statistics(G.gradient_samples(THETA, _quadratic, e, n, tau=1.0,
+                                                         draws=4 if e == "reinforce_loo" else 1), exact)
              for e in G.ESTIMATORS}
-    for e in ("reinforce", "reinforce_baseline"):
+    for e in ("reinforce", "reinforce_loo"):
         assert stats[e]["bias"] < 4 * math.sqrt(stats[e]["variance"] / n)
     assert stats["gumbel_softmax"]["bias"] > 10 * math.sqrt(stats["gumbel_softmax"]["variance"] / n)
     assert stats["gumbel_softmax"]["variance"] < stats["reinforce"]["variance"] / 3
-    assert stats["reinforce_baseline"]["variance"] < stats["reinforce"]["variance"]
+
+
+def test_draws_are_averaged_and_the_loo_baseline_pays_per_evaluation():
+    exact = G.exact_gradient(THETA, _quadratic)
+    torch.manual_seed(1)
+    one = G.gradient_statistics(G.gradient_samples(THETA, _quadratic, "reinforce", 20_000), exact)
+    four = G.gradient_statistics(G.gradient_samples(THETA, _quadratic, "reinforce", 20_000, draws=4), exact, 4)
+    assert four["variance"] == pytest.approx(one["variance"] / 4, rel=0.05)          # the mean of 4 draws
+    assert four["variance_per_evaluation"] == pytest.approx(one["variance"], rel=0.05)  # ... costs 4 evaluations
+    loo = {j: G.gradient_statistics(G.gradient_samples(THETA, _quadratic, "reinforce_loo", 20_000, draws=j), exact, j)
+           for j in (2, 8)}
+    # the baseline helps even per evaluation, and more with more draws to build it from
+    assert loo[8]["variance_per_evaluation"] < loo[2]["variance_per_evaluation"] < one["variance_per_evaluation"] / 2
+
+
+def test_loo_baseline_by_hand():
+    # K = 2, theta = 0 (pi = (1/2, 1/2)), f(e_c) = c, two draws. Draws (0, 1) or (1, 0): advantages -1 and +1
+    # (each minus the other's f), grad log pi_c = e_c - pi, so the estimate is
+    # (-1 * (1/2, -1/2) + 1 * (-1/2, 1/2)) / 2 = (-1/2, 1/2); equal draws give (0, 0). The exact gradient
+    # pi * (f - pi.f) = (-1/4, 1/4) is their mean, P(different draws) = 1/2.
+    f = lambda y: y[..., 1]  # noqa: E731
+    theta = torch.zeros(2, dtype=torch.float64)
+    torch.manual_seed(0)
+    g = G.gradient_samples(theta, f, "reinforce_loo", 4000, draws=2)
+    assert {tuple(row) for row in g.tolist()} == {(-0.5, 0.5), (0.0, 0.0)}
+    assert G.exact_gradient(theta, f).tolist() == pytest.approx([-0.25, 0.25])
+    assert g.mean(0).tolist() == pytest.approx([-0.25, 0.25], abs=0.02)
 
 
 def test_gradient_samples_shape_and_bad_input():
     torch.manual_seed(0)
     assert G.gradient_samples(THETA, _quadratic, "straight_through", 10).shape == (10, 4)
+    assert G.gradient_samples(THETA, _quadratic, "gumbel_softmax", 10, draws=3).shape == (10, 4)
     with pytest.raises(ValueError, match="estimator"):
         G.gradient_samples(THETA, _quadratic, "rebar", 10)
     with pytest.raises(ValueError, match="num_samples"):
         G.gradient_samples(THETA, _quadratic, "reinforce", 1)
+    with pytest.raises(ValueError, match="draws must be an int >= 2"):
+        G.gradient_samples(THETA, _quadratic, "reinforce_loo", 10)           # a baseline needs another draw
+    with pytest.raises(ValueError, match="draws"):
+        G.gradient_samples(THETA, _quadratic, "reinforce", 10, draws=0)
 
 
-def test_gradient_statistics_by_hand():
-    s = G.gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2.0, 0.0]))
-    assert s == pytest.approx({"bias": 0.0, "variance": 2.0, "mse": 1.0})
+def test_gradient_statistics_and_mse_at_budget_by_hand():
+    s = G.gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2.0, 0.0]), evaluations=3)
+    assert s == pytest.approx({"bias": 0.0, "bias2": 0.0, "variance": 2.0, "variance_per_evaluation": 6.0,
+                               "evaluations": 3, "num_samples": 2, "mse": 1.0})
+    # mean 2, exact 0: ||mean - exact||^2 = 4, minus V/N = 2/2 for the noise of the mean
+    s = G.gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([0.0, 0.0]))
+    assert s["bias"] == pytest.approx(2.0) and s["bias2"] == pytest.approx(3.0)
+    assert G.mse_at_budget(s, 4) == pytest.approx(3.0 + 2.0 / 4)
+    with pytest.raises(ValueError, match="budget"):
+        G.mse_at_budget(s, 0)
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         G.gradient_statistics(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="evaluations"):
+        G.gradient_statistics(torch.zeros(3, 2), torch.zeros(2), evaluations=0)
+
+
+def test_bias2_is_unbiased_for_an_unbiased_estimator():
+    # many small batches of an unbiased estimator: the raw squared bias averages V/N, bias2 about 0
+    torch.manual_seed(2)
+    exact = torch.zeros(3, dtype=torch.float64)
+    stats = [G.gradient_statistics(torch.randn(50, 3, dtype=torch.float64), exact) for _ in range(400)]
+    raw = sum(s["bias"] ** 2 for s in stats) / len(stats)
+    assert raw == pytest.approx(3 / 50, rel=0.15)
+    assert sum(s["bias2"] for s in stats) / len(stats) < raw / 2
+
+
+def test_estimator_race_charges_per_evaluation():
+    torch.manual_seed(3)
+    race = G.estimator_race(THETA, _quadratic, taus=(0.5, 2.0), draws=(2, 5), num_samples=2000)
+    assert set(race) == {("reinforce", 1), ("reinforce_loo", 2), ("reinforce_loo", 5), ("gumbel_softmax", 0.5),
+                         ("gumbel_softmax", 2.0), ("straight_through", 0.5), ("straight_through", 2.0)}
+    assert race["reinforce_loo", 5]["evaluations"] == 5 and race["gumbel_softmax", 2.0]["evaluations"] == 1
+    s = race["reinforce_loo", 5]
+    assert s["variance_per_evaluation"] == pytest.approx(5 * s["variance"])
+
+
+# -- the two-sample test ------------------------------------------------------------------------
+
+def test_kolmogorov_q_matches_tabulated_values_and_is_continuous():
+    # critical values of the Kolmogorov distribution: 1.358 (5 %), 1.628 (1 %), 1.224 (10 %)
+    assert G.kolmogorov_q(1.358) == pytest.approx(0.05, abs=5e-4)
+    assert G.kolmogorov_q(1.628) == pytest.approx(0.01, abs=2e-4)
+    assert G.kolmogorov_q(1.224) == pytest.approx(0.10, abs=5e-4)
+    assert G.kolmogorov_q(0.5) == pytest.approx(0.9639, abs=1e-4) and G.kolmogorov_q(0.0) == 1.0
+    assert G.kolmogorov_q(1 - 1e-9) == pytest.approx(G.kolmogorov_q(1.0), abs=1e-8)  # the two series agree
+    assert G.kolmogorov_q(5.0) < 1e-20
+    with pytest.raises(ValueError, match="lam"):
+        G.kolmogorov_q(-1.0)
+
+
+def test_ks_two_sample_statistic_by_hand_and_power():
+    r = G.ks_two_sample(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.5, 3.5, 4.5, 5.5]))
+    # at x = 3: F_a = 1, F_b = 1/4
+    assert r["statistic"] == pytest.approx(0.75)
+    torch.manual_seed(4)
+    a, b = torch.randn(20_000, dtype=torch.float64), torch.randn(20_000, dtype=torch.float64)
+    assert G.ks_two_sample(a, b)["p_value"] > 0.01
+    assert G.ks_two_sample(a, b + 0.05)["p_value"] < 1e-3        # a shift of 1/20 of a standard deviation
+    assert G.ks_two_sample(a, 1.05 * b)["statistic"] > 0          # different spread, same mean
+    # under the null the p-value is about uniform: it falls below 0.1 about 10 % of the time
+    p = [G.ks_two_sample(torch.rand(300, dtype=torch.float64), torch.rand(300, dtype=torch.float64))["p_value"]
+         for _ in range(300)]
+    assert 0.04 < sum(v < 0.1 for v in p) / len(p) < 0.17
+    with pytest.raises(ValueError, match="at least 2"):
+        G.ks_two_sample(torch.tensor([1.0]), torch.tensor([1.0, 2.0]))
 
 
 def test_adashare_re_exports_the_sampler_under_its_old_names():
