@@ -19,44 +19,44 @@ from ..runtime import attempted
 __all__ = ["check_batch_ensemble_linear", "check_ods_step", "check_pairwise_kl"]
 
 
-def _be_linear_reference(x, weight, r, s, bias):
+def _be_linear_reference(x, weight, r, gamma, bias):
     m = r.shape[0]
     xb = x.view(m, -1, x.shape[-1])
-    return ((xb * r[:, None]) @ weight.T * s[:, None] + bias[:, None]).flatten(0, 1)
+    return ((xb * r[:, None]) @ weight.T * gamma[:, None] + bias[:, None]).flatten(0, 1)
 
 
 def check_batch_ensemble_linear(fn: Callable) -> None:
-    """Exercise 1: ``fn(x, weight, r, s, bias)`` with ``x`` ``[M*B, in]`` (M consecutive blocks),
-    ``weight`` ``[out, in]``, ``r`` ``[M, in]``, ``s`` ``[M, out]``, ``bias`` ``[M, out]`` must
-    return the BatchEnsemble layer's output ``[M*B, out]``."""
+    """Exercise 1: ``fn(x, weight, r, gamma, bias)`` with ``x`` ``[M*N, in]`` (M consecutive blocks),
+    ``weight`` ``[out, in]``, ``r`` ``[M, in]``, ``gamma`` ``[M, out]`` (Wen et al.'s $s$), ``bias``
+    ``[M, out]`` must return the BatchEnsemble layer's output ``[M*N, out]``."""
     g = torch.Generator().manual_seed(5)
     m, b, n_in, n_out = 3, 4, 5, 6
     args = [torch.randn(m * b, n_in, generator=g, dtype=torch.float64), torch.randn(n_out, n_in, generator=g, dtype=torch.float64),
             1 + 0.5 * torch.randn(m, n_in, generator=g, dtype=torch.float64),
             1 + 0.5 * torch.randn(m, n_out, generator=g, dtype=torch.float64), torch.randn(m, n_out, generator=g, dtype=torch.float64)]
-    x, weight, r, s, bias = args
-    want = _be_linear_reference(x, weight, r, s, bias)
+    x, weight, r, gamma, bias = args
+    want = _be_linear_reference(x, weight, r, gamma, bias)
     try:
         if not attempted(fn, *[a.clone() for a in args]):
             return
         got = fn(*[a.clone() for a in args])
     except RuntimeError as e:
-        raise AssertionError(f"your function failed ({e}); r scales the *inputs* ([M, in]) and s the *outputs* "
-                             "([M, out]): y = ((x * r_j) W^T) * s_j + b_j") from e
+        raise AssertionError(f"your function failed ({e}); r scales the *inputs* ([M, in]) and gamma the "
+                             "*outputs* ([M, out]): y = ((x * r_j) W^T) * gamma_j + b_j") from e
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         raise AssertionError(f"expected a tensor of shape {tuple(want.shape)} (one row per input row), got "
                              f"{tuple(getattr(got, 'shape', ()))}")
     inter = x.view(b, m, n_in).transpose(0, 1).reshape(m * b, n_in)  # rows as if interleaved
-    interleaved = _be_linear_reference(inter, weight, r, s, bias).view(m, b, n_out).transpose(0, 1).reshape(m * b, n_out)
+    interleaved = _be_linear_reference(inter, weight, r, gamma, bias).view(m, b, n_out).transpose(0, 1).reshape(m * b, n_out)
     if torch.allclose(got.double(), interleaved, atol=1e-8):
-        raise AssertionError("the batch holds M consecutive blocks of B rows (row i belongs to member i // B), "
+        raise AssertionError("the batch holds M consecutive blocks of N rows (row i belongs to member i // N), "
                              "not interleaved rows (member i % M)")
-    if torch.allclose(got.double(), _be_linear_reference(x, weight, r, s, bias[:1].expand_as(bias)), atol=1e-8) or \
-            torch.allclose(got.double(), _be_linear_reference(x, weight, r, s, torch.zeros_like(bias)), atol=1e-8):
+    if torch.allclose(got.double(), _be_linear_reference(x, weight, r, gamma, bias[:1].expand_as(bias)), atol=1e-8) or \
+            torch.allclose(got.double(), _be_linear_reference(x, weight, r, gamma, torch.zeros_like(bias)), atol=1e-8):
         raise AssertionError("each member has its own bias b_j: add bias[j] to block j")
     if not torch.allclose(got.double(), want, atol=1e-8):
-        raise AssertionError("values differ: member j's weight is W * (s_j r_j^T), i.e. scale the inputs by r_j, "
-                             "multiply by W^T, then scale the outputs by s_j")
+        raise AssertionError("values differ: member j's weight is W * (gamma_j r_j^T), i.e. scale the inputs by r_j, "
+                             "multiply by W^T, then scale the outputs by gamma_j")
     print("✓ BatchEnsemble linear layer: correct")
 
 

@@ -37,9 +37,10 @@ from ..models import CifarResNet
 from ..runtime import Profile, data_root, get_device, get_profile, seed_everything
 from ..train import History, Recipe, Trained, autocast, autocast_dtype, fit, load_or_train, train_model
 from .batchensemble import (BatchEnsembleConv2d, BatchEnsembleLinear, BatchEnsembleResNet, GlobalAvgPool,
-                            ensemble_log_probs)
-from .ensembles_eval import REPORTED, ensemble_ladder, ensemble_scores, metrics_table
-from .ensembles_jacobian import jacobian_matching_penalty, kl_first_order, perturbed_kl
+                            _check_depth, _check_size, ensemble_log_probs)
+from .ensembles_eval import REPORTED, dee_score, ensemble_ladder, ensemble_scores, metrics_table
+from .ensembles_jacobian import (frobenius_jacobian_penalty, jacobian_matching_penalty, kl_first_order, perturbed_kl,
+                                 row_space_fraction, softmax_jacobian)
 from .ensembles_plots import plot_diversity_by_confidence, plot_perturbation, plot_toy_ensemble
 
 __all__ = [
@@ -52,8 +53,9 @@ __all__ = [
     # re-exported: batchensemble
     "GlobalAvgPool", "ensemble_log_probs", "BatchEnsembleLinear", "BatchEnsembleConv2d", "BatchEnsembleResNet",
     # re-exported: ensembles_jacobian, ensembles_eval, ensembles_plots, exercises.ensembles
-    "perturbed_kl", "kl_first_order", "jacobian_matching_penalty",
-    "ensemble_scores", "ensemble_ladder", "metrics_table", "REPORTED",
+    "perturbed_kl", "kl_first_order", "jacobian_matching_penalty", "softmax_jacobian", "row_space_fraction",
+    "frobenius_jacobian_penalty",
+    "ensemble_scores", "ensemble_ladder", "dee_score", "metrics_table", "REPORTED",
     "plot_toy_ensemble", "plot_diversity_by_confidence", "plot_perturbation",
     "check_batch_ensemble_linear", "check_ods_step", "check_pairwise_kl",
 ]
@@ -117,8 +119,9 @@ def create_member(depth: int, width: int, num_classes: int) -> CifarResNet:
     """One CIFAR ResNet of depth ``6n + 2`` with stage widths ``(width, width, 2 width, 4 width)``:
     ``create_member(20, 16, 10)`` has the weights and outputs of ``models.create_model('resnet20',
     10)`` (its ``pool`` stage is a :class:`GlobalAvgPool`, the same function)."""
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    _check_depth(depth)
+    _check_size("width", width)
+    _check_size("num_classes", num_classes, 2, "a classifier needs at least two classes")
     model = CifarResNet(depth, (width, width, 2 * width, 4 * width), num_classes)
     model.pool = GlobalAvgPool()
     return model
@@ -220,26 +223,100 @@ class DeepEnsemble(nn.Module):
 
 class EnsembleCrossEntropy(Objective):
     r"""The objective that trains every member on its own labels at once:
-    $\sum_{j=1}^M \mathrm{CE}(z_j, y)$ (a *sum*, so each member's gradient, momentum and weight
-    decay are exactly those of training it alone on the same batches). Its logits are the
-    ensemble's $\log\bar p$ (``fit``'s ``train_acc`` is the ensemble's); its terms are ``ce``, the
-    members' mean cross-entropy (one network's loss), and ``member_acc``, their mean training
-    accuracy in %."""
+    $\sum_{j=1}^M \mathrm{CE}(z_j, y_j)$ (a *sum*, so each member's gradient, momentum and weight
+    decay are exactly those of training it alone). Its terms are ``ce``, the members' mean
+    cross-entropy (one network's loss), and ``member_acc``, their mean training accuracy in %.
+
+    Two ways to feed the members:
+
+    * ``EnsembleCrossEntropy()``: every member sees ``fit``'s batch ``x, y``; the logits returned
+      are the ensemble's $\log\bar p$ (``fit``'s ``train_acc`` is the ensemble's).
+    * ``EnsembleCrossEntropy(data, seeds)``: member $j$ sees its *own* data order and
+      augmentation, the very batches that ``fit(..., seed=seeds[j])`` would draw from ``data``'s
+      training split (a :class:`~minidistill.data.DeviceLoader` per member, iterated in step with
+      ``fit``; of ``fit``'s own batch only the size is used). So member $j$ is trained exactly as
+      if it were trained alone with ``fit(seed=seeds[j])``, as independently trained Deep Ensemble
+      members are. The members see different images, so no ensemble logits are returned
+      (``member_acc`` reports the training accuracy). The loaders are rebuilt from ``fit``'s
+      ``epoch`` and ``step``, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, data: Dataset | None = None, seeds: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if (data is None) != (seeds is None):
+            raise ValueError("give both data and seeds (one data-order seed per member) for per-member data "
+                             "orders, or neither (every member sees fit's batch)")
+        if data is not None and not isinstance(data, Dataset):
+            raise ValueError(f"data must be a minidistill Dataset, got {type(data).__name__}")
+        if seeds is not None:
+            seeds = tuple(seeds)
+            if len(seeds) < 2:
+                raise ValueError(f"seeds must give one seed per member, at least 2, got {seeds!r}")
+            for j, v in enumerate(seeds):
+                _check_size(f"seeds[{j}]", v, 0)
+        self.data, self.seeds = data, seeds
+        self._loaders: list[DeviceLoader] = []
+        self._iters: list = []
+        self._cursor: tuple[int, int] | None = None  # (epoch, index of the next batch) the iterators are at
+
+    def extra_repr(self) -> str:
+        return "every member sees fit's batch" if self.seeds is None else f"own data order per member, seeds={self.seeds}"
+
+    def member_batches(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member $j$'s batch ``x[j], y[j]`` (``[M, N, C, H, W]``, ``[M, N]``) at ``fit``'s current
+        ``epoch`` and ``step``: batch ``step - epoch * steps_per_epoch`` of the epoch, drawn by a loader
+        seeded ``seeds[j]``."""
+        if self.seeds is None:
+            raise ValueError("member_batches needs per-member data orders: EnsembleCrossEntropy(data, seeds)")
+        if not self._loaders or self._loaders[0].batch_size != batch_size or self._loaders[0].device != device:
+            first = DeviceLoader.from_dataset(self.data, "train", batch_size, device=device, channels_last=False,
+                                              seed=self.seeds[0])
+            self._loaders = [first] + [DeviceLoader(first.x, first.y, batch_size, mean=self.data.mean, std=self.data.std,
+                                                    train=True, device=device, channels_last=False, seed=s)
+                                       for s in self.seeds[1:]]   # one copy of the images on the device, shared
+            self._cursor = None
+        epoch, index = self.epoch, self.step - self.epoch * self.steps_per_epoch
+        if not 0 <= index < len(self._loaders[0]):
+            raise ValueError(f"step {self.step} is not in epoch {self.epoch} of {len(self._loaders[0])} batches "
+                             f"(steps_per_epoch={self.steps_per_epoch}): is the batch size fit's?")
+        if self._cursor != (epoch, index):  # a new epoch, a resumed run, or a first call: replay up to the step
+            self._iters = []
+            for loader in self._loaders:
+                loader.set_epoch(epoch)
+                it = iter(loader)
+                for _ in range(index):
+                    next(it)
+                self._iters.append(it)
+        xs, ys = zip(*(next(it) for it in self._iters))
+        self._cursor = (epoch, index + 1)
+        return torch.stack(xs), torch.stack(ys)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         if not hasattr(model, "member_logits"):
             raise TypeError(f"EnsembleCrossEntropy trains an ensemble with member_logits(x) -> [M, N, K] "
                             f"(a DeepEnsemble), got {type(model).__name__}")
-        z = model.member_logits(x)  # [M, B, K]
+        if self.seeds is None:
+            z = model.member_logits(x)  # [M, N, K]: every member on the same batch
+            targets = y.expand(z.shape[0], -1)
+        else:
+            if getattr(model, "ensemble_size", None) != len(self.seeds):
+                raise ValueError(f"seeds gives {len(self.seeds)} data orders, the ensemble has "
+                                 f"{getattr(model, 'ensemble_size', None)} members")
+            xs, targets = self.member_batches(x.shape[0], x.device)
+            z = model.member_logits(xs.to(x.dtype), per_member=True)  # [M, N, K]: member j on its own batch
         m = z.shape[0]
-        ce = F.cross_entropy(upcast(z).flatten(0, 1), y.repeat(m))
-        member_acc = 100.0 * (z.detach().argmax(-1) == y).float().mean()
-        return ce * m, ensemble_log_probs(z), {"ce": ce.detach(), "member_acc": member_acc}
+        ce = F.cross_entropy(upcast(z).flatten(0, 1), targets.flatten())
+        member_acc = 100.0 * (z.detach().argmax(-1) == targets).float().mean()
+        logits = ensemble_log_probs(z) if self.seeds is None else None
+        return ce * m, logits, {"ce": ce.detach(), "member_acc": member_acc}
 
 
 def new_deep_ensemble(depth: int, width: int, num_classes: int, size: int = 4, seed: int = 0) -> DeepEnsemble:
     """A freshly initialised ensemble; member ``j`` is initialised from seed ``seed + j``, as
     ``create_member`` after ``seed_everything(seed + j)`` would be."""
+    _check_size("size", size, 2, "a Deep Ensemble has at least two members")
+    _check_size("seed", seed, 0)
+    create_member(depth, width, num_classes)  # check the architecture once, before seeding anything
     members = []
     for j in range(size):
         seed_everything(seed + j)
@@ -268,7 +345,10 @@ def pretrained_ensemble(
     eval_every: int | None = None,
 ) -> Trained:
     """A Deep Ensemble of ``size`` members trained together on ``data`` (vmapped, one
-    :func:`~minidistill.train.fit`), from the cache or trained now and cached.
+    :func:`~minidistill.train.fit`), from the cache or trained now and cached. Member ``j`` is
+    initialised from seed ``seed + j`` and sees its own data order and augmentation, those of
+    ``fit(seed=seed + j)`` (:class:`EnsembleCrossEntropy` with ``seeds``): it is trained exactly
+    as if it were trained alone, as a Deep Ensemble's members are.
 
     The checkpoint lives in ``<root>/checkpoints/`` under a name made of the architecture, data,
     profile, seed and recipe. As with :func:`~minidistill.train.pretrained`, a cached file is
@@ -278,19 +358,22 @@ def pretrained_ensemble(
     splits are scored after the last epoch only (nobody plots a cached teacher's curves, and each
     scoring is a forward pass of every member over both splits); pass 1 to score every epoch.
     """
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a minidistill Dataset, got {type(data).__name__}")
+    model = new_deep_ensemble(depth, width, data.num_classes, size, seed)  # checks depth, width, size, seed
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
     meta = {"kind": "deep-ensemble", "depth": depth, "width": width, "size": size, "dataset": data.name,
             "n_train": len(data.x_train), "data_digest": _data_digest(data), "profile": prof.name,
-            "seed": seed, "recipe": dataclasses.asdict(recipe)}
+            "seed": seed, "data_order": "own per member", "recipe": dataclasses.asdict(recipe)}
     folder = data_root(root) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (f"de{size}-resnet{depth}w{width}-{data.name}{len(data.x_train)}-{prof.name}"
-                     f"-s{seed}-{recipe.key()}.pt")
+                     f"-s{seed}-own-{recipe.key()}.pt")
     dev = get_device(device) if device is not None else prof.device
-    model = new_deep_ensemble(depth, width, data.num_classes, size, seed)
+    objective = EnsembleCrossEntropy(data, seeds=[seed + j for j in range(size)])
     return load_or_train(
         path, meta, model,
-        lambda partial: fit(model, data, EnsembleCrossEntropy(), recipe, seed=seed, device=dev, checkpoint=partial,
+        lambda partial: fit(model, data, objective, recipe, seed=seed, device=dev, checkpoint=partial,
                             progress=progress, eval_every=eval_every, description=f"DE-{size} resnet{depth} (teacher)"),
         device=dev)
 
@@ -362,8 +445,10 @@ def ods_perturb(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
     $D$ the number of values per image, so each pixel moves by $\eta$ in RMS (a unit step would
     move it by $\eta/\sqrt D$, 55 times less on CIFAR). $c(x) = 1$ for ODS; for ConfODS
-    (``confidence=True``) $c(x) = \max_k \mathrm{softmax}(\mathrm{model}(x)/T)_k$, so confident
-    points are pushed further. ``model`` takes images in $[0, 1]$ (normalise inside it).
+    (``confidence=True``) $c(x) = \max_k \mathrm{softmax}(\mathrm{model}(x)/T)_k \in [1/K, 1]$, so a
+    ConfODS step is never longer than the ODS step: nearly the full step where the model is
+    confident, a shorter one where it is not. Pixels that would leave $[0, 1]$ stop at the bound.
+    ``model`` takes images in $[0, 1]$ (normalise inside it).
     """
     _check_eta(eta)
     _check_unit_range(x)
@@ -383,16 +468,17 @@ def gaussian_perturb(x: torch.Tensor, eta: float = 1 / 255, generator: torch.Gen
 
 
 class OneToOneDistillation(TeacherObjective):
-    r"""The objective of Nam et al.: student member $j$ learns from teacher member $j$,
+    r"""The objective of Nam et al.: student member $j$ (logits $z_j$) learns from teacher member
+    $j$ (logits $v_j$), in the course's notation (the paper's $\hat{\mathcal S}_j, \hat{\mathcal T}_j, \tau$),
 
-    $$\mathcal L = (1-\alpha)\,\mathrm{CE}\big(\hat{\mathcal S}_j(x), y\big)
-      + \alpha\,\tau^2\,\mathrm{KL}\Big(\mathrm{softmax}\tfrac{\hat{\mathcal T}_j(\tilde x)}{\tau}\,\Big\|\,
-        \mathrm{softmax}\tfrac{\hat{\mathcal S}_j(\tilde x)}{\tau}\Big),$$
+    $$\mathcal L = (1-\alpha)\,H\big(q, \mathrm{softmax}(z_j(x))\big)
+      + \alpha\,T^2\,\mathrm{KL}\Big(\mathrm{softmax}\tfrac{v_j(\tilde x)}{T}\,\Big\|\,
+        \mathrm{softmax}\tfrac{z_j(\tilde x)}{T}\Big),$$
 
-    averaged over all $M B$ rows; terms logged: ``ce`` and ``kd``. ``perturbation`` picks
+    averaged over all $M N$ rows; terms logged: ``ce`` and ``kd``. ``perturbation`` picks
     $\tilde x$: ``'kd'`` ($\tilde x = x$), ``'gaussian'``, ``'ods'`` or ``'confods'`` ($\eta$ =
     ``eta`` per pixel in $[0, 1]$; the ODS direction comes from one teacher member drawn per
-    batch, at the KD temperature $\tau$). The cross-entropy always sees the clean $x$, so a
+    batch, at the KD temperature $T$). The cross-entropy always sees the clean $x$, so a
     perturbed method runs the student twice per step.
 
     The loader's images are normalised: they are mapped to $[0, 1]$ with ``mean``/``std``,
@@ -453,8 +539,8 @@ class OneToOneDistillation(TeacherObjective):
             raise ValueError(f"one-to-one distillation pairs student and teacher members: the student has "
                              f"ensemble_size={getattr(model, 'ensemble_size', None)}, the teacher {m}")
         x_kd = self.perturb(x)
-        t = self.teacher_forward(x_kd)                               # [M, B, K]: teacher j on x~
-        s = model.member_logits(x)                                   # [M, B, K]: student j on x (block j)
+        t = self.teacher_forward(x_kd)                               # [M, N, K]: teacher j on x~
+        s = model.member_logits(x)                                   # [M, N, K]: student j on x (block j)
         s_kd = s if x_kd is x else model.member_logits(x_kd)         # a second student pass on x~
         ce = F.cross_entropy(upcast(s).flatten(0, 1), y.repeat(m))
         kd = kd_loss(s_kd.flatten(0, 1), t.flatten(0, 1), self.temperature, check_inputs=self.step == 0)
@@ -485,6 +571,8 @@ def train_student(
     during training unless ``eval_splits`` says otherwise."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_depth(depth)
+    _check_size("width", width)
     objective = OneToOneDistillation(teacher, temperature, alpha, method, eta, data.mean, data.std)
     fit_kwargs.setdefault("eval_splits", ("test",))
     student, history = train_model(lambda: BatchEnsembleResNet(depth, width, data.num_classes, teacher.ensemble_size),

@@ -16,7 +16,7 @@ import torch
 from .. import metrics, report
 from .batchensemble import ensemble_log_probs
 
-__all__ = ["ensemble_scores", "ensemble_ladder", "metrics_table", "REPORTED"]
+__all__ = ["ensemble_scores", "ensemble_ladder", "dee_score", "metrics_table", "REPORTED"]
 
 
 def ensemble_scores(member_logits: torch.Tensor, targets: torch.Tensor, val_member_logits: torch.Tensor | None = None,
@@ -55,6 +55,18 @@ def ensemble_ladder(member_logits: torch.Tensor, targets: torch.Tensor, val_memb
     return ladder
 
 
+def dee_score(cnll: float, ladder_cnll: Sequence[float]) -> float:
+    r"""The Deep Ensemble Equivalent of a model with calibrated NLL ``cnll`` against the ladder
+    ``ladder_cnll`` (``[cNLL of DE-1, ..., DE-L]``, :func:`ensemble_ladder`'s ``cnll``), as
+    :func:`~minidistill.metrics.deep_ensemble_equivalent` gives it, except at both ends of the ladder:
+    a model *worse* than one member (``cnll`` above the DE-1 value) gets ``-inf``, not the 1.0 of the
+    definition, so that :func:`metrics_table` can show it as "≤ 1" rather than "1.00" ("as good as one
+    member"); one better than the largest ensemble gets ``inf`` ("> L")."""
+    ladder = [float(v) for v in ladder_cnll]
+    value = metrics.deep_ensemble_equivalent(cnll, ladder)  # checks both arguments
+    return -math.inf if float(cnll) > ladder[0] else value
+
+
 _COLUMNS = {"acc": ("ACC (%)", 1.0, 2), "nll": ("NLL", 1.0, 3), "cnll": ("cNLL", 1.0, 3),
             "ece": ("ECE (%)", 100.0, 2), "brier": ("BS", 1.0, 3), "dee": ("DEE", 1.0, 2),
             "diversity": ("diversity", 1.0, 4)}
@@ -65,8 +77,9 @@ def metrics_table(rows: Mapping[str, Sequence[Mapping[str, float]]],
                   dee_cap: int | None = None) -> str:
     """A Markdown table, one row per method and one column per metric, each cell mean ± std
     over the method's runs (``rows[method]`` is a list of score dicts, one per seed), through
-    :func:`minidistill.report.metrics_table`. ECE is shown in %. A DEE beyond the largest
-    ensemble measured (``inf``) shows as ``> dee_cap``, next to the finite runs' mean if any."""
+    :func:`minidistill.report.metrics_table`. ECE is shown in %. A DEE off the ladder
+    (:func:`dee_score`) shows as ``> dee_cap`` (``inf``: better than the largest ensemble measured) or
+    ``≤ 1`` (``-inf``: worse than one member), next to the finite runs' mean if any."""
     unknown = [c for c in columns if c not in _COLUMNS]
     if unknown:
         raise ValueError(f"unknown column(s) {unknown}; expected some of {sorted(_COLUMNS)}")
@@ -75,9 +88,13 @@ def metrics_table(rows: Mapping[str, Sequence[Mapping[str, float]]],
         finite = [v for v in values if math.isfinite(v)]
         if len(finite) == len(values):
             return None  # the default cell
-        if not finite:
-            return f"> {dee_cap} (n={len(values)})"
-        return f"{report.format_mean_std(finite, _COLUMNS[key][2])}; {len(values) - len(finite)} more runs > {dee_cap}"
+        above, below = sum(v == math.inf for v in values), sum(v == -math.inf for v in values)
+        if not finite and not (above and below):
+            return f"{'> ' + str(dee_cap) if above else '≤ 1'} (n={len(values)})"
+        parts = [report.format_mean_std(finite, _COLUMNS[key][2])] if finite else []
+        parts += [f"{above} {'more ' if finite else ''}runs > {dee_cap}"] if above else []
+        parts += [f"{below} {'more ' if finite or above else ''}runs ≤ 1"] if below else []
+        return "; ".join(parts)
 
     return report.metrics_table(rows, {c: _COLUMNS[c] for c in columns}, cell=beyond)
 

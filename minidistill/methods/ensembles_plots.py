@@ -1,5 +1,6 @@
 """Chapter 5's figures (learning from ensembles): the toy ensemble on a line, the members'
-diversity by the ensemble's confidence (Nam et al.'s Figure 3 idea), and one image under
+diversity by the ensemble's confidence (in the spirit of Nam et al.'s Figure 3, whose binned
+confidence the official code does not show: not a reproduction of it), and one image under
 perturbations. Plain functions of tensors returning a matplotlib figure; re-exported by
 :mod:`minidistill.methods.ensembles`.
 """
@@ -45,7 +46,8 @@ def plot_toy_ensemble(toy: Mapping[str, torch.Tensor], title: str = "Members agr
 def plot_diversity_by_confidence(member_probs: Mapping[str, torch.Tensor], n_bins: int = 10,
                                  title: str = "Members' diversity by the ensemble's confidence",
                                  show_counts: bool = True):
-    """The paper's Figure 3 idea: for each ``{label: member_probs [M, N, K]}``, the mean pairwise
+    r"""Diversity against confidence (in the spirit of the paper's Figure 3; here the confidence is the
+    ensemble's, $\max_k \bar p_k$): for each ``{label: member_probs [M, N, K]}``, the mean pairwise
     KL between members per confidence bin (log scale) and, with ``show_counts``, the inputs per
     bin in a second panel. Labels get the count-weighted mean diversity appended."""
     if not member_probs:

@@ -54,7 +54,7 @@ def test_moved_names_are_re_exported_from_the_method_module():
 def test_batch_ensemble_linear_has_the_issue_parameters():
     layer = E.BatchEnsembleLinear(5, 7, 3)
     shapes = {k: tuple(v.shape) for k, v in layer.named_parameters()}
-    assert shapes == {"weight": (7, 5), "r": (3, 5), "s": (3, 7), "bias": (3, 7)}
+    assert shapes == {"weight": (7, 5), "r": (3, 5), "gamma": (3, 7), "bias": (3, 7)}  # Wen et al.'s s = gamma
     assert E.BatchEnsembleLinear(5, 7, 3, bias=False).bias is None
 
 
@@ -67,7 +67,7 @@ def test_batch_ensemble_linear_equals_explicit_member_weights(bias):
     x = torch.randn(m * b, 5, generator=gen(0), dtype=D64)
     want = []
     for j in range(m):
-        w_j = layer.weight * torch.outer(layer.s[j], layer.r[j])  # W o (s_j r_j^T)
+        w_j = layer.weight * torch.outer(layer.gamma[j], layer.r[j])  # W o (gamma_j r_j^T)
         want.append(F.linear(x[j * b:(j + 1) * b], w_j, layer.bias[j] if bias else None))
     assert torch.allclose(layer(x), torch.cat(want), atol=1e-12)
 
@@ -78,11 +78,11 @@ def test_batch_ensemble_conv_equals_explicit_member_kernels(stride, padding, bia
     conv = E.BatchEnsembleConv2d(3, 4, 3, m, stride=stride, padding=padding, bias=bias).double()
     if bias:
         nn.init.normal_(conv.bias)
-    assert tuple(conv.weight.shape) == (4, 3, 3, 3) and tuple(conv.r.shape) == (2, 3) and tuple(conv.s.shape) == (2, 4)
+    assert tuple(conv.weight.shape) == (4, 3, 3, 3) and tuple(conv.r.shape) == (2, 3) and tuple(conv.gamma.shape) == (2, 4)
     x = torch.randn(m * b, 3, 7, 7, generator=gen(1), dtype=D64)
     want = []
     for j in range(m):
-        k_j = conv.weight * torch.outer(conv.s[j], conv.r[j])[:, :, None, None]
+        k_j = conv.weight * torch.outer(conv.gamma[j], conv.r[j])[:, :, None, None]
         want.append(F.conv2d(x[j * b:(j + 1) * b], k_j, conv.bias[j] if bias else None, stride, padding))
     assert torch.allclose(conv(x), torch.cat(want), atol=1e-12)
 
@@ -100,7 +100,7 @@ def test_batch_layout_is_consecutive_blocks():
 def test_batch_ensemble_layers_reject_bad_inputs():
     with pytest.raises(ValueError, match="multiple of ensemble_size=3"):
         E.BatchEnsembleLinear(4, 3, 3)(torch.randn(5, 4))
-    with pytest.raises(ValueError, match=r"\[M\*B, 4\]"):
+    with pytest.raises(ValueError, match=r"\[M\*N, 4\]"):
         E.BatchEnsembleLinear(4, 3, 3)(torch.randn(6, 5))
     with pytest.raises(ValueError, match="multiple of ensemble_size=2"):
         E.BatchEnsembleConv2d(3, 4, 3, 2)(torch.randn(3, 3, 5, 5))
@@ -111,7 +111,7 @@ def test_batch_ensemble_layers_reject_bad_inputs():
 
 
 def _fold_member(be: E.BatchEnsembleResNet, depth: int, width: int, j: int) -> nn.Module:
-    """A plain CIFAR ResNet with member j's weights W o (s_j r_j^T), biases b_j, and the shared BatchNorm."""
+    """A plain CIFAR ResNet with member j's weights W o (gamma_j r_j^T), biases b_j, and the shared BatchNorm."""
     plain = E.create_member(depth, width, be.fc.out_features).double()
     be_modules, be_state = dict(be.named_modules()), be.state_dict()
     state = {}
@@ -120,7 +120,7 @@ def _fold_member(be: E.BatchEnsembleResNet, depth: int, width: int, j: int) -> n
         module = be_modules[module_name]
         if isinstance(module, (E.BatchEnsembleConv2d, E.BatchEnsembleLinear)):
             if leaf == "weight":
-                fold = torch.outer(module.s[j], module.r[j])
+                fold = torch.outer(module.gamma[j], module.r[j])
                 state[key] = module.weight * (fold[:, :, None, None] if module.weight.ndim == 4 else fold)
             else:
                 state[key] = module.bias[j]
@@ -238,6 +238,66 @@ def test_training_the_vmapped_ensemble_equals_training_members_alone(small):
             assert torch.allclose(mine[k].double(), v.double(), atol=1e-5), k
 
 
+def test_members_with_their_own_data_orders_equal_members_trained_alone(small):
+    """EnsembleCrossEntropy(data, seeds): member j sees the batches of fit(seed=seeds[j]), so one fit of the
+    stacked ensemble equals separate fits with seeds 3 and 5 (different orders: the two fits differ)."""
+    recipe = Recipe(epochs=1, batch_size=128, lr=0.1)
+    de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
+    objective = E.EnsembleCrossEntropy(small, seeds=(3, 5))
+    hist = fit(de, small, objective, recipe, seed=0)  # fit's own seed (its batch) plays no part
+    rec = hist.records[0]
+    assert "train_acc" not in rec and 0 <= rec["train_member_acc"] <= 100  # members see different images
+    for j, data_seed in enumerate((3, 5)):
+        seed_everything(j)
+        alone = E.create_member(8, 4, 10)
+        fit(alone, small, None, recipe, seed=data_seed)
+        mine = de.member(j).state_dict()
+        for k, v in alone.state_dict().items():
+            assert torch.allclose(mine[k].double(), v.double(), atol=1e-5), k
+    objective.epoch = objective.step = 0
+    xs, _ = objective.member_batches(128, torch.device("cpu"))
+    assert not torch.equal(xs[0], xs[1])  # two data orders, not one
+
+
+def test_member_batches_replay_any_step_as_a_resumed_run_needs(small):
+    objective = E.EnsembleCrossEntropy(small, seeds=(3, 5))
+    objective.steps_per_epoch = len(small.x_train) // 64
+    want = []
+    for seed in (3, 5):
+        loader = DeviceLoader.from_dataset(small, "train", 64, device="cpu", channels_last=False, seed=seed)
+        loader.set_epoch(1)
+        want.append(list(loader)[2])
+    objective.epoch, objective.step = 1, objective.steps_per_epoch + 2  # a fresh objective, mid-epoch (a resume)
+    x, y = objective.member_batches(64, torch.device("cpu"))
+    assert x.shape == (2, 64, 3, 8, 8) and y.shape == (2, 64)
+    for j in range(2):
+        assert torch.equal(x[j], want[j][0]) and torch.equal(y[j], want[j][1])
+    objective.step += 1  # the next step continues the same iterators
+    x3, _ = objective.member_batches(64, torch.device("cpu"))
+    assert not torch.equal(x3, x)
+    objective.step = objective.steps_per_epoch * 2  # out of epoch 1
+    with pytest.raises(ValueError, match="not in epoch"):
+        objective.member_batches(64, torch.device("cpu"))
+
+
+def test_ensemble_cross_entropy_rejects_bad_arguments(small):
+    with pytest.raises(ValueError, match="seeds"):
+        E.EnsembleCrossEntropy(small)
+    with pytest.raises(ValueError, match="data"):
+        E.EnsembleCrossEntropy(seeds=(0, 1))
+    with pytest.raises(ValueError, match="data must be"):
+        E.EnsembleCrossEntropy("shapes", seeds=(0, 1))
+    with pytest.raises(ValueError, match="seeds"):
+        E.EnsembleCrossEntropy(small, seeds=(0,))
+    with pytest.raises(ValueError, match=r"seeds\[1\]"):
+        E.EnsembleCrossEntropy(small, seeds=(0, -1))
+    with pytest.raises(ValueError, match="member_batches"):
+        E.EnsembleCrossEntropy().member_batches(8, torch.device("cpu"))
+    de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
+    with pytest.raises(ValueError, match="3 data orders"):
+        E.EnsembleCrossEntropy(small, seeds=(0, 1, 2))(de, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+
+
 def test_ensemble_cross_entropy_is_the_sum_of_member_losses():
     de = E.DeepEnsemble(_members()).eval()
     x, y = torch.randn(4, 3, 12, 12, generator=gen(8)), torch.tensor([0, 3, 5, 9])
@@ -272,6 +332,8 @@ def test_pretrained_ensemble_caches_and_refuses_stale_files(small, data_dir, mon
     # nobody plots the cached teacher's curves: its splits are scored after the last epoch only
     assert calls[0]["eval_every"] is None and isinstance(calls[0]["checkpoint"], type(first.path))
     assert "train_ce" in first.history.records[0]
+    # member j sees its own data order, that of fit(seed=seed + j), like an independently trained member
+    assert calls[0]["seed"] == 0 and "-own-" in first.path.name
     second = E.pretrained_ensemble(tiny, 8, 4, 2, recipe=recipe, profile="smoke")
     assert second.cached
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
@@ -647,6 +709,10 @@ def test_metrics_table_formats_mean_std_and_dee_beyond_the_ladder():
     mixed = E.metrics_table({"KD": [{"dee": 1.5}, {"dee": 2.5}, {"dee": math.inf}]}, ("dee",), dee_cap=4)
     assert mixed.splitlines()[2] == "| KD | 2.00 ± 0.71 (n=2); 1 more runs > 4 |"
     assert E.metrics_table({"KD": [{"acc": 80.0}]}, ("acc", "nll")).splitlines()[2] == "| KD | 80.00 (n=1) | – |"
+    worse = E.metrics_table({"KD": [{"dee": -math.inf}], "mix": [{"dee": 1.5}, {"dee": -math.inf}],
+                             "both": [{"dee": math.inf}, {"dee": -math.inf}]}, ("dee",), dee_cap=4).splitlines()
+    assert worse[2] == "| KD | ≤ 1 (n=1) |" and worse[3] == "| mix | 1.50 (n=1); 1 more runs ≤ 1 |"
+    assert worse[4] == "| both | 1 runs > 4; 1 more runs ≤ 1 |"
     with pytest.raises(ValueError, match="unknown column"):
         E.metrics_table(runs, ("accuracy",))
 
@@ -681,30 +747,30 @@ def test_plot_perturbation_draws_images_changes_and_bars():
 # --- self-checks ----------------------------------------------------------------------------------
 
 def test_check_batch_ensemble_linear(capsys):
-    def right(x, weight, r, s, bias):
+    def right(x, weight, r, gamma, bias):
         m = r.shape[0]
         xb = x.view(m, -1, x.shape[1])
-        return ((xb * r[:, None]) @ weight.T * s[:, None] + bias[:, None]).flatten(0, 1)
+        return ((xb * r[:, None]) @ weight.T * gamma[:, None] + bias[:, None]).flatten(0, 1)
 
     E.check_batch_ensemble_linear(right)
     assert "✓" in capsys.readouterr().out
 
-    def swapped(x, weight, r, s, bias):
-        return right(x, weight, s, r, bias)
+    def swapped(x, weight, r, gamma, bias):
+        return right(x, weight, gamma, r, bias)
 
     with pytest.raises(AssertionError, match="r scales the"):
         E.check_batch_ensemble_linear(swapped)
 
-    def interleaved(x, weight, r, s, bias):
+    def interleaved(x, weight, r, gamma, bias):
         m = r.shape[0]
-        return ((x * r.repeat(len(x) // m, 1)) @ weight.T * s.repeat(len(x) // m, 1) + bias.repeat(len(x) // m, 1))
+        return ((x * r.repeat(len(x) // m, 1)) @ weight.T * gamma.repeat(len(x) // m, 1) + bias.repeat(len(x) // m, 1))
 
     with pytest.raises(AssertionError, match="consecutive blocks"):
         E.check_batch_ensemble_linear(interleaved)
     with pytest.raises(AssertionError, match="own bias"):
-        E.check_batch_ensemble_linear(lambda x, w, r, s, b: right(x, w, r, s, b[:1].expand_as(b)))
+        E.check_batch_ensemble_linear(lambda x, w, r, g, b: right(x, w, r, g, b[:1].expand_as(b)))
     with pytest.raises(AssertionError, match="values differ"):
-        E.check_batch_ensemble_linear(lambda x, w, r, s, b: right(x, w, r, s, b) * 1.01)
+        E.check_batch_ensemble_linear(lambda x, w, r, g, b: right(x, w, r, g, b) * 1.01)
 
 
 def test_check_ods_step(capsys):
@@ -780,3 +846,147 @@ def test_batch_ensemble_layers_keep_bf16_and_channels_last_under_autocast():
         z = lin(y.mean((2, 3)))
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     assert z.dtype == torch.bfloat16 and z.shape == (4, 3)
+
+
+# --- issue 15: DEE below one member, the row space of the teacher's Jacobian, ODS's clipping ----------
+
+def test_dee_score_marks_a_model_worse_than_one_member():
+    ladder = [0.80, 0.72, 0.69, 0.68]
+    assert E.dee_score(0.70, ladder) == pytest.approx(2 + 0.02 / 0.03)
+    assert E.dee_score(0.80, ladder) == 1.0  # exactly one member's
+    assert E.dee_score(0.95, ladder) == -math.inf  # worse than one member: shown "≤ 1", not "1.00"
+    assert metrics.deep_ensemble_equivalent(0.95, ladder) == 1.0  # (the definition's value)
+    assert E.dee_score(0.60, ladder) == math.inf
+    with pytest.raises(ValueError, match="ensemble_nlls"):
+        E.dee_score(0.7, [])
+    with pytest.raises(ValueError, match="nll_value"):
+        E.dee_score(float("nan"), ladder)
+
+
+def _mlp(seed: int, d: int = 48, k: int = 5, hidden: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, k)).double()
+
+
+def test_softmax_jacobian_is_the_finite_difference_jacobian_of_rank_k_minus_1():
+    model = _mlp(0)
+    x = torch.rand(2, 3, 4, 4, generator=gen(50), dtype=D64)
+    jac = E.softmax_jacobian(model, x, temperature=2.0)
+    assert jac.shape == (2, 5, 48)
+    h, i, col = 1e-6, 1, 17
+    bump = torch.zeros(1, 48, dtype=D64)
+    bump[0, col] = h
+    f = lambda v: torch.softmax(model(v) / 2.0, -1)  # noqa: E731
+    fd = (f(x[i:i + 1].flatten(1) + bump) - f(x[i:i + 1].flatten(1) - bump))[0] / (2 * h)
+    assert torch.allclose(jac[i, :, col], fd, rtol=1e-6, atol=1e-10)
+    assert torch.linalg.matrix_rank(jac[0]).item() == 4  # probabilities sum to one: K - 1 directions
+    assert torch.allclose(jac.sum(1), torch.zeros(2, 48, dtype=D64), atol=1e-15)
+    with pytest.raises(ValueError, match="temperature"):
+        E.softmax_jacobian(model, x, 0.0)
+    with pytest.raises(ValueError, match="batch"):
+        E.softmax_jacobian(model, x[0, 0, 0])
+
+
+def test_row_space_fraction_is_one_for_ods_and_about_sqrt_r_over_d_for_gaussian_steps():
+    d, k = 3 * 16 * 16, 10
+    model = _mlp(1, d, k, 32)
+    x = torch.rand(1, 3, 16, 16, generator=gen(51), dtype=D64)
+    jac = E.softmax_jacobian(model, x)[0]
+    w = torch.rand(8, k, generator=gen(52), dtype=D64) * 2 - 1
+    ods = E.ods_direction(model, x.repeat(8, 1, 1, 1), w)
+    assert torch.allclose(E.row_space_fraction(jac, ods), torch.ones(8, dtype=D64), atol=1e-9)
+    xi = torch.randn(3000, d, generator=gen(53), dtype=D64)
+    rms = E.row_space_fraction(jac, xi).pow(2).mean().sqrt().item()
+    assert rms == pytest.approx(math.sqrt((k - 1) / d), rel=0.02)  # sqrt(k / d) is 5 % off: K - 1, not K
+    assert rms != pytest.approx(math.sqrt(k / d), rel=0.02)
+    # a direction orthogonal to the row space: fraction 0; one in it: 1
+    _, _, vh = torch.linalg.svd(jac, full_matrices=False)
+    assert E.row_space_fraction(jac, vh[:1]).item() == pytest.approx(1.0, abs=1e-9)
+    assert E.row_space_fraction(jac, vh[-1:]).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\[K, D\]"):
+        E.row_space_fraction(jac.unsqueeze(0), xi)
+    with pytest.raises(ValueError, match="D = 768"):
+        E.row_space_fraction(jac, xi[:, :10])
+
+
+def test_frobenius_jacobian_penalty_is_the_gaussian_expectation_of_the_directional_penalty():
+    t, s = _mlp(2), _mlp(3)
+    x = torch.rand(2, 3, 4, 4, generator=gen(54), dtype=D64)
+    full = E.frobenius_jacobian_penalty(t, s, x, temperature=2.0)
+    # exact: the sum of the directional penalties over the D coordinate directions (E[xi xi^T] = I)
+    eye = torch.eye(48, dtype=D64).view(48, 3, 4, 4)
+    for i in range(2):
+        per_axis = E.jacobian_matching_penalty(t, s, x[i:i + 1].expand(48, -1, -1, -1), eye, 2.0)
+        assert full[i].item() == pytest.approx(per_axis.sum().item(), rel=1e-10)
+    # restricted to a basis of the whole space: unchanged; to nothing but one axis: that axis's penalty
+    assert torch.allclose(E.frobenius_jacobian_penalty(t, s, x, 2.0, within=torch.eye(48, dtype=D64)), full)
+    one_axis = E.frobenius_jacobian_penalty(t, s, x[:1], 2.0, within=torch.eye(48, dtype=D64)[5:6])
+    assert one_axis.item() == pytest.approx(
+        E.jacobian_matching_penalty(t, s, x[:1], eye[5:6], 2.0).item(), rel=1e-10)
+    with pytest.raises(ValueError, match="within"):
+        E.frobenius_jacobian_penalty(t, s, x, within=torch.eye(3, dtype=D64))
+
+
+def test_ods_perturb_clips_exactly_the_pixels_that_leave_the_unit_range():
+    """The clipping path, on a non-linear model and images with saturated pixels, against a step built
+    independently (torch.func.vjp for J^T w, a torch.where for the clip)."""
+    model = _mlp(4)
+    x = torch.rand(4, 3, 4, 4, generator=gen(55), dtype=D64)
+    x[:, 0] = 0.0
+    x[:, 1, :2] = 1.0  # saturated pixels, as in real images
+    w = torch.rand(4, 5, generator=gen(56), dtype=D64) * 2 - 1
+    eta, temperature = 16 / 255, 2.0
+    _, vjp = torch.func.vjp(lambda v: torch.softmax(model(v) / temperature, -1), x)
+    (g,) = vjp(w)
+    unit = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    conf = torch.softmax(model(x) / temperature, -1).max(-1).values.view(-1, 1, 1, 1)
+    for confidence, c in ((False, 1.0), (True, conf)):
+        raw = x + eta * math.sqrt(48) * c * unit
+        want = torch.where(raw > 1, torch.ones_like(raw), torch.where(raw < 0, torch.zeros_like(raw), raw))
+        got = E.ods_perturb(model, x, eta, w=w, temperature=temperature, confidence=confidence)
+        assert ((raw < 0) | (raw > 1)).sum() > 10  # the clip is exercised
+        assert torch.allclose(got, want, atol=1e-12)
+    # ConfODS moves no pixel further than ODS: c <= 1
+    ods = E.ods_perturb(model, x, eta, w=w, temperature=temperature)
+    conf_ods = E.ods_perturb(model, x, eta, w=w, temperature=temperature, confidence=True)
+    assert ((conf_ods - x).abs() <= (ods - x).abs() + 1e-15).all() and (conf <= 1).all() and (conf >= 1 / 5).all()
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: E.create_member(20, 16, 0), "num_classes"),
+    (lambda: E.create_member(20, 16, 1), "num_classes"),
+    (lambda: E.create_member(20, 16, 10.0), "num_classes"),
+    (lambda: E.create_member(21, 16, 10), "depth"),
+    (lambda: E.create_member(2, 16, 10), "depth"),
+    (lambda: E.create_member(20, True, 10), "width"),
+    (lambda: E.create_member(20, -4, 10), "width"),
+    (lambda: E.new_deep_ensemble(8, 4, 10, size=1), "size"),
+    (lambda: E.new_deep_ensemble(8, 4, 10, size=2.0), "size"),
+    (lambda: E.new_deep_ensemble(8, 4, 10, seed=-1), "seed"),
+    (lambda: E.new_deep_ensemble(8, 4, 1), "num_classes"),
+    (lambda: E.BatchEnsembleResNet(8, 4, 1), "num_classes"),
+    (lambda: E.BatchEnsembleResNet(8, 0, 10), "width"),
+    (lambda: E.BatchEnsembleResNet(8, 4, 10, ensemble_size=0), "ensemble_size"),
+    (lambda: E.BatchEnsembleResNet("8", 4, 10), "depth"),
+    (lambda: E.BatchEnsembleConv2d(3, 4, 3, 2, padding=-1), "padding"),
+    (lambda: E.BatchEnsembleConv2d(3, 4, 0, 2), "kernel_size"),
+    (lambda: E.BatchEnsembleLinear(4, 0, 2), "out_features"),
+    (lambda: E.BatchEnsembleLinear(4, 3, True), "ensemble_size"),
+])
+def test_constructors_reject_bad_sizes_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_train_and_pretrain_reject_bad_sizes_before_training(small, data_dir):
+    de = E.new_deep_ensemble(8, 4, 10, size=2, seed=0)
+    recipe = Recipe(epochs=1, batch_size=128, lr=0.05)
+    with pytest.raises(ValueError, match="depth"):
+        E.train_student(de, small, recipe, "kd", depth=9, width=4)
+    with pytest.raises(ValueError, match="width"):
+        E.train_student(de, small, recipe, "kd", depth=8, width=0)
+    with pytest.raises(ValueError, match="size"):
+        E.pretrained_ensemble(small, 8, 4, 1, recipe=recipe, profile="smoke")
+    with pytest.raises(ValueError, match="data"):
+        E.pretrained_ensemble("shapes", 8, 4, 2, recipe=recipe, profile="smoke")
+    assert not (data_dir / "checkpoints").exists()  # nothing trained, nothing written
