@@ -7,10 +7,17 @@ $$p(x, y) = \frac{e^{f(x)[y]}}{Z}, \qquad p(x) = \frac{\sum_y e^{f(x)[y]}}{Z}, \
   E(x) = -\mathrm{LSE}_y\, f(x)[y] .$$
 
 JEM trains $\log p(y|x) + \log p(x)$; the gradient of $\log p(x)$ needs samples from the
-model, drawn with stochastic gradient Langevin dynamics (SGLD) from a persistent replay buffer.
+model. The paper draws them with what it calls stochastic gradient Langevin dynamics (SGLD):
+Langevin dynamics on the input, run from persistent chains kept in a replay buffer, i.e.
+persistent contrastive divergence (PCD; Tieleman 2008). The gradient in it is the model's exact
+$\nabla_x E(x)$, not a stochastic estimate; :func:`sgld` keeps the paper's name.
+
+**Symbols.** The SGLD step size is $\eta$ (the official code's ``sgld_lr``, the argument
+``step_size``), its noise standard deviation $\sigma$ (``sgld_std``, ``noise``); the course
+keeps $\alpha$ for the weight of a distillation term.
 
 **Input space.** :class:`~minidistill.data.DeviceLoader` feeds networks *normalised* images
-$(x/255 - \mu_c)/\sigma_c$; JEM's sampler settings (step $\alpha = 1$, noise $\sigma = 0.01$,
+$(x/255 - \mu_c)/\sigma_c$; JEM's sampler settings (step $\eta = 1$, noise $\sigma = 0.01$,
 data noise $0.03$, restarts from $\mathcal U(-1, 1)$) are defined on the official code's pixels
 in $[-1, 1]$. So the SGLD chains and the replay buffer live in $[-1, 1]$ pixels, and
 :class:`PixelSpace` maps a state to the network's input before each evaluation (autograd
@@ -41,7 +48,7 @@ _MOVED = {
     **dict.fromkeys(("toy_mixture", "ToyClassifier", "train_toy_jem", "grid_log_density", "histogram_tv",
                      "plot_energy_landscape", "plot_toy_sgld", "plot_ood_histograms", "plot_samples",
                      "plot_energy_trace"), "minidistill.methods.jem_plots"),
-    **dict.fromkeys(("check_energy", "check_sgld_step", "check_px_loss", "check_sampler_temperature"),
+    **dict.fromkeys(("check_energy", "check_sgld_step", "check_px_loss", "check_forgetting_steps"),
                     "minidistill.exercises.jem"),
 }
 
@@ -71,10 +78,21 @@ def _check_logits(logits: torch.Tensor, name: str = "logits", ndim: int | None =
         raise ValueError(f"{name} must be {want}, got shape {tuple(logits.shape)}")
 
 
-def _check_targets(logits: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (len(logits),):
-        raise ValueError(f"y must be int64 class indices of shape [{len(logits)}], got "
+def _check_targets(ref: torch.Tensor, y: torch.Tensor, num_classes: int | None = -1, name: str = "y") -> None:
+    """``y`` must be int64 class indices ``[len(ref)]`` in ``[0, num_classes)``; ``num_classes=-1``
+    (default) reads $K$ from ``ref``'s last dimension (logits), ``None`` only asks for ``>= 0``.
+    Reads two numbers back from the device: for public entry points, not per training step."""
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (len(ref),):
+        raise ValueError(f"{name} must be int64 class indices of shape [{len(ref)}], got "
                          f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if len(y):
+        k = ref.shape[-1] if num_classes == -1 else num_classes
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (k is not None and hi >= k):
+            want = f"[0, {k})" if k is not None else ">= 0"
+            raise ValueError(f"{name} must hold class indices in {want}"
+                             + (f" for logits of {k} classes" if k is not None else "")
+                             + f", got values from {lo} to {hi}")
 
 
 def _check_nonneg(name: str, value: float, positive: bool = False) -> None:
@@ -98,10 +116,14 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 def joint_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     r"""The joint energy $E(x, y) = -f(x)[y]$, so that $p(x, y) \propto e^{-E(x, y)}$.
 
-    ``logits`` ``[N, K]``, ``y`` int64 ``[N]`` -> ``[N]``.
+    ``logits`` ``[N, K]``, ``y`` int64 ``[N]`` with values in ``[0, K)`` -> ``[N]``.
     """
     _check_logits(logits, ndim=2)
     _check_targets(logits, y)
+    return _joint_energy(logits, y)
+
+
+def _joint_energy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -upcast(logits).gather(1, y.view(-1, 1)).squeeze(1)
 
 
@@ -131,7 +153,7 @@ def jem_loss(logits_data: torch.Tensor, y: torch.Tensor, logits_samples: torch.T
     paper's CIFAR runs use $w_{y|x} = w_x = 1$. Returns ``(loss, terms)``, ``terms`` the
     detached ``ce``, ``energy_data`` ($\overline{E(x)}$) and, given samples, ``energy_samples``
     ($\overline{E(x')}$) and ``gap`` (their difference, :func:`px_loss`). ``logits_samples=None``
-    requires ``px_weight=0``: the plain classifier.
+    requires ``px_weight=0``: the plain classifier. ``y`` must hold class indices in ``[0, K)``.
     """
     _check_logits(logits_data, "logits_data", ndim=2)
     _check_targets(logits_data, y)
@@ -139,13 +161,25 @@ def jem_loss(logits_data: torch.Tensor, y: torch.Tensor, logits_samples: torch.T
     _check_nonneg("pyx_weight", pyx_weight)
     if px_weight and logits_samples is None:
         raise ValueError("px_weight > 0 needs logits_samples (the model's logits on SGLD samples)")
+    if logits_samples is not None:
+        _check_logits(logits_samples, "logits_samples", ndim=2)
+        if logits_samples.shape[1] != logits_data.shape[1]:
+            raise ValueError(f"logits_data and logits_samples must have the same number of classes, got "
+                             f"{logits_data.shape[1]} and {logits_samples.shape[1]}")
+    return _jem_loss(logits_data, y, logits_samples, px_weight, pyx_weight)
+
+
+def _jem_loss(logits_data, y, logits_samples, px_weight, pyx_weight):
+    """:func:`jem_loss` without the checks (which read the labels' range back from the device):
+    what :class:`JEMObjective` calls at every training step, after ``fit`` checked the labels."""
     e_data = energy(logits_data)
-    ce = (joint_energy(logits_data, y) - e_data).mean()
+    ce = (_joint_energy(logits_data, y) - e_data).mean()
     loss = pyx_weight * ce
     terms = {"ce": ce, "energy_data": e_data.mean()}
     if logits_samples is not None:
-        gap = px_loss(logits_data, logits_samples)
-        terms.update(energy_samples=energy(logits_samples).mean(), gap=gap)
+        e_samples = energy(logits_samples)
+        gap = e_data.mean() - e_samples.mean()          # px_loss
+        terms.update(energy_samples=e_samples.mean(), gap=gap)
         if px_weight:
             loss = loss + px_weight * gap
     return loss, {k: v.detach() for k, v in terms.items()}
@@ -154,15 +188,17 @@ def jem_loss(logits_data: torch.Tensor, y: torch.Tensor, logits_samples: torch.T
 # -- the sampler -----------------------------------------------------------------------------
 
 def langevin_noise(step_size: float) -> float:
-    r"""The noise std that makes SGLD a Langevin sampler of $p \propto e^{-E}$: $\sigma = \sqrt{2\alpha}$."""
+    r"""The noise std that makes SGLD with step $\eta$ a Langevin sampler of $p \propto e^{-E}$:
+    $\sigma = \sqrt{2\eta}$ (the paper's equation, $x - \frac{\alpha}{2}\nabla_x E + \mathcal N(0, \alpha)$
+    with the paper's $\alpha = 2\eta$)."""
     _check_nonneg("step_size", step_size, positive=True)
     return math.sqrt(2.0 * step_size)
 
 
 def sampler_temperature(step_size: float, noise: float) -> float:
-    r"""The temperature $T = \sigma^2 / (2\alpha)$ at which SGLD with step $\alpha$ and noise
+    r"""The temperature $T = \sigma^2 / (2\eta)$ at which SGLD with step $\eta$ and noise
     $\sigma$ samples (for small steps): its stationary density is $\propto e^{-E/T} = p^{1/T}$.
-    Langevin is $T = 1$; the paper's $\alpha = 1$, $\sigma = 0.01$ is $T = 5\cdot 10^{-5}$."""
+    Langevin is $T = 1$; the official code's $\eta = 1$, $\sigma = 0.01$ is $T = 5\cdot 10^{-5}$."""
     _check_nonneg("step_size", step_size, positive=True)
     _check_nonneg("noise", noise)
     return noise**2 / (2.0 * step_size)
@@ -177,14 +213,16 @@ def sgld(
     generator: torch.Generator | None = None,
     bounds: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    r"""Run ``n_steps`` of stochastic gradient Langevin dynamics on all chains at once:
+    r"""Run ``n_steps`` of Langevin dynamics (the paper's "SGLD") on all chains at once:
 
-    $$x_{k+1} = x_k - \alpha\,\nabla_x E(x_k) + \sigma\,\epsilon_k, \qquad \epsilon_k \sim \mathcal N(0, I),$$
+    $$x_{k+1} = x_k - \eta\,\nabla_x E(x_k) + \sigma\,\epsilon_k, \qquad \epsilon_k \sim \mathcal N(0, I),$$
 
-    with ``energy_fn(x) -> [N]`` energies of the ``N`` chains ``x`` ``[N, ...]``. The paper's
-    defaults are $\alpha = 1$, $\sigma = 0.01$, 20 steps (gradient *ascent* on
-    $\mathrm{LSE} f$ in the official code). True Langevin dynamics, which samples
-    $p \propto e^{-E}$, needs $\sigma = \sqrt{2\alpha}$ (:func:`langevin_noise`).
+    with ``energy_fn(x) -> [N]`` energies of the ``N`` chains ``x`` ``[N, ...]``, $\eta$ =
+    ``step_size`` and $\sigma$ = ``noise``. The gradient is exact (nothing here is a stochastic
+    gradient). The paper writes the step as $x - \frac{\alpha}{2}\nabla_x E + \mathcal N(0, \alpha)$
+    (its $\alpha = 2\eta$), true Langevin dynamics, which samples $p \propto e^{-E}$: $\sigma = \sqrt{2\eta}$
+    (:func:`langevin_noise`). The official code decouples the two (``sgld_lr`` $= \eta = 1$,
+    ``sgld_std`` $= \sigma = 0.01$, 20 steps: gradient *ascent* on $\mathrm{LSE} f$), the defaults here.
 
     ``bounds=(low, high)`` clamps the chains after every step (the official code does not).
     Returns the final states, detached. Only gradients with respect to ``x`` are taken; no
@@ -219,7 +257,8 @@ class ReplayBuffer(nn.Module):
 
     :meth:`sample` draws ``n`` states at random and replaces each by fresh uniform noise with
     probability ``reinit_prob`` (0.05 in the paper); after SGLD, :meth:`update` writes the
-    chains back. A module buffer, so ``.to(device)`` moves it with its objective.
+    chains back. ``samples`` is a registered buffer, so ``.to(device)`` moves it with its
+    objective and ``fit``'s checkpoints save it: a resumed run continues the same chains.
     """
 
     def __init__(self, size: int, shape: Sequence[int], low: float = -1.0, high: float = 1.0,
@@ -257,10 +296,17 @@ class ReplayBuffer(nn.Module):
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
-        """Write the chains' new states ``x`` back into rows ``idx``."""
+        """Write the chains' new states ``x`` back into rows ``idx``. Where ``idx`` names a row
+        more than once (the draw is with replacement, as in the official code), the last chain
+        wins, always: every write to a row carries that chain's state, so the result does not
+        depend on the order in which threads write (an indexed assignment with repeated indices
+        does not fix it), and a run is reproducible."""
         if x.shape[1:] != self.samples.shape[1:] or len(x) != len(idx):
             raise ValueError(f"x must be [{len(idx)}, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")
-        self.samples[idx] = x.detach().to(self.samples.dtype)
+        order = torch.arange(len(idx), device=idx.device)
+        last = torch.full((len(self.samples),), -1, dtype=order.dtype, device=idx.device)
+        last = last.scatter_reduce(0, idx, order, "amax")           # each row's last writer
+        self.samples[idx] = x.detach().to(self.samples.dtype)[last[idx]]
 
 
 class PixelSpace(nn.Module):
@@ -322,8 +368,14 @@ class JEMObjective(Objective):
 
     Divergence guard: the largest energy gap $|\overline{E(x)} - \overline{E(x')}|$ since the
     last check stays on the device and is read every ``check_every`` training steps and at the
-    last one (never per SGLD step); above ``max_energy_gap`` or not finite, it raises
-    :class:`JEMDiverged` with a report, before ``fit`` would see a NaN loss.
+    last step of every epoch (never per SGLD step); above ``max_energy_gap`` or not finite, it
+    raises :class:`JEMDiverged` with a report, before ``fit`` would see a NaN loss.
+
+    Resuming: all the state that carries over between steps is in registered buffers (the
+    replay buffer's chains; the pixel map's constants), which ``fit``'s checkpoints keep, and
+    the guard holds nothing across an epoch's end, when checkpoints are written; the sampler
+    draws from the global RNG, whose state ``fit`` saves too. So a run resumed from a checkpoint
+    continues exactly as if never stopped (``resumable`` stays True).
     """
 
     def __init__(
@@ -389,7 +441,7 @@ class JEMObjective(Objective):
             logits, logits_q = logits_all[: len(x)], logits_all[len(x):]
         else:  # the plain classifier: no sampling
             logits = model(x)
-        loss, terms = jem_loss(logits, y, logits_q, self.px_weight, self.pyx_weight)
+        loss, terms = _jem_loss(logits, y, logits_q, self.px_weight, self.pyx_weight)
         if logits_q is not None:
             self._guard(terms["gap"])
         return loss, logits, terms
@@ -397,7 +449,8 @@ class JEMObjective(Objective):
     def _guard(self, gap: torch.Tensor) -> None:
         gap = gap.abs()
         self._worst = gap if self._worst is None else torch.maximum(self._worst, gap)  # NaN propagates
-        if (self.step + 1) % self.check_every == 0 or self.step + 1 >= self.total_steps:
+        if ((self.step + 1) % self.check_every == 0 or (self.step + 1) % self.steps_per_epoch == 0
+                or self.step + 1 >= self.total_steps):   # (epoch ends: nothing is held over a checkpoint)
             worst, self._worst = self._worst.item(), None
             if not worst <= self.max_energy_gap:
                 raise JEMDiverged(
@@ -548,7 +601,8 @@ def ood_scores(model: nn.Module, images: torch.Tensor, space: PixelSpace, batch_
     r"""The paper's three out-of-distribution scores of uint8 ``images`` (higher = more
     in-distribution), as CPU float tensors ``[N]``:
 
-    - ``log p(x)``: $\mathrm{LSE}_y f(x)[y] = -E(x)$, the log density up to $\log Z$;
+    - ``-E(x)``: $\mathrm{LSE}_y f(x)[y] = -E(x) = \log p(x) + \log Z$, the paper's "$\log p(x)$"
+      score: the log density *unnormalised* ($Z$ is unknown), which is all a ranking needs;
     - ``max p(y|x)``: the classifier's confidence;
     - ``approx. mass``: $-\|\partial \log p(x)/\partial x\|_2$ (gradient in $[-1, 1]$ pixel space).
     """
@@ -558,7 +612,7 @@ def ood_scores(model: nn.Module, images: torch.Tensor, space: PixelSpace, batch_
     mean, std = space.mean.to(device), space.std.to(device)     # (the caller's space stays where it is)
     was_training = model.training
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {"log p(x)": [], "max p(y|x)": [], "approx. mass": []}
+    out: dict[str, list[torch.Tensor]] = {"-E(x)": [], "max p(y|x)": [], "approx. mass": []}
     try:
         for i in range(0, len(images), batch_size):
             u = PixelSpace.from_uint8(images[i:i + batch_size].to(device)).requires_grad_(True)
@@ -566,7 +620,7 @@ def ood_scores(model: nn.Module, images: torch.Tensor, space: PixelSpace, batch_
                 logits = model(((u + 1) / 2 - mean) / std).float()
                 log_px = -energy(logits)
                 (grad,) = torch.autograd.grad(log_px.sum(), u)
-            out["log p(x)"].append(log_px.detach().cpu())
+            out["-E(x)"].append(log_px.detach().cpu())
             out["max p(y|x)"].append(logits.detach().softmax(-1).max(-1).values.cpu())
             out["approx. mass"].append(-grad.flatten(1).norm(dim=1).cpu())
     finally:

@@ -55,11 +55,11 @@ def toy_mixture(n: int = 600, num_classes: int = 3, radius: float = 1.5, std: fl
 
 
 class ToyClassifier(nn.Module):
-    r"""A small MLP classifier of 2-D points, $f(x) = g(x) - \frac{\|x\|^2}{2 s^2}\mathbf 1$.
+    r"""A small MLP classifier of 2-D points, $f(x) = g(x) - \frac{\|x\|^2}{2 \ell^2}\mathbf 1$.
 
     The second term is the same for every class, so it leaves $p(y|x)$ alone (the shift
     property) but makes $p(x) \propto \sum_y e^{f(x)[y]}$ integrable: an MLP's logits can grow
-    linearly far from the data, the quadratic wins. ``envelope`` is $s$.
+    linearly far from the data, the quadratic wins. ``envelope`` is $\ell$ (not $s$, which names a student in the course).
     """
 
     def __init__(self, num_classes: int = 3, hidden: int = 64, envelope: float = 3.0) -> None:
@@ -97,7 +97,7 @@ def train_toy_jem(
     """
     if x.ndim != 2 or x.shape[1] != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be float points [N, 2], got {x.dtype} {tuple(x.shape)}")
-    _check_targets(x, y)
+    _check_targets(x, y, None)                          # K is read from the labels: y.max() + 1
     _check_nonneg("px_weight", px_weight)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -174,7 +174,12 @@ def plot_energy_landscape(model: nn.Module, lim: float = 4.0, points: torch.Tens
                           ax=None, n: int = 80, boundaries: bool = False):
     r"""Heat map of the model's normalised $\log p(x) = -E(x) - \log Z$ on the box, with
     ``points`` on top (coloured by ``labels`` if given) and, with ``boundaries``, the
-    classifier's decision boundaries (where $\arg\max_y p(y|x)$ changes) as white lines."""
+    classifier's decision boundaries (where $\arg\max_y p(y|x)$ changes) as white lines.
+    ``labels`` are class indices in ``[0, 10)`` (one colour each), one per point."""
+    if labels is not None:
+        if points is None:
+            raise ValueError("labels colour the points: pass points too")
+        _check_targets(points, labels, 10, name="labels")
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.2, 3.6))
     centres, log_p = grid_log_density(model, lim, n)
     c = centres.numpy()
@@ -211,7 +216,7 @@ def plot_toy_sgld(model: nn.Module, step_size: float = PAPER["step_size"], noise
                   n_steps: int = 200, n_chains: int = 1000, lim: float = 4.0, seed: int = 0, ax=None):
     r"""Run :func:`sgld` on the toy model from ``n_chains`` uniform starts and draw the final
     states over its $\log p(x)$; the title gives the sampler's temperature
-    $\sigma^2/(2\alpha)$ and the histogram's total variation distance to $p(x)$."""
+    $\sigma^2/(2\eta)$ ($\eta$ = ``step_size``) and the histogram's total variation distance to $p(x)$."""
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     x0 = (torch.rand(n_chains, 2, generator=g, dtype=dtype) * 2 - 1) * lim
@@ -219,14 +224,19 @@ def plot_toy_sgld(model: nn.Module, step_size: float = PAPER["step_size"], noise
     xs = torch.where(torch.isfinite(xs), xs, torch.full_like(xs, 1e9))   # diverged chains: out of view
     tv = histogram_tv(xs, model, lim)
     temp = sampler_temperature(step_size, noise) if step_size > 0 else float("inf")
-    title = (rf"SGLD: $\alpha$ = {step_size:.3g}, $\sigma$ = {noise:.3g}, {n_steps} steps" + "\n"
-             + rf"$T = \sigma^2/2\alpha$ = {temp:.2g}, TV to $p(x)$ = {tv:.2f}")
+    title = (rf"SGLD: $\eta$ = {step_size:.3g}, $\sigma$ = {noise:.3g}, {n_steps} steps" + "\n"
+             + rf"$T = \sigma^2/2\eta$ = {temp:.2g}, TV to $p(x)$ = {tv:.2f}")
     return plot_energy_landscape(model, lim, xs, title=title, ax=ax)
 
 
+_SCORE_LABELS = {"-E(x)": r"$-E(x) = \log p(x) + \log Z$ (unnormalised)"}
+
+
 def plot_ood_histograms(scores_in: torch.Tensor, scores_out: Mapping[str, torch.Tensor],
-                        score: str = "log p(x)", title: str | None = None, ax=None, bins: int = 40):
-    """Overlaid histograms of one score for the in-distribution test set and each OOD set."""
+                        score: str = "-E(x)", title: str | None = None, ax=None, bins: int = 40):
+    r"""Overlaid histograms of one score for the in-distribution test set and each OOD set.
+    ``score`` names the x axis; the default, :func:`~minidistill.methods.jem.ood_scores`'s
+    ``-E(x)``, is labelled as what it is: $\log p(x) + \log Z$, an unnormalised log density."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.2))
     allv = torch.cat([scores_in, *scores_out.values()]).double()
     lo, hi = torch.quantile(allv, 0.005).item(), torch.quantile(allv, 0.995).item()
@@ -234,7 +244,7 @@ def plot_ood_histograms(scores_in: torch.Tensor, scores_out: Mapping[str, torch.
     ax.hist(scores_in.clamp(lo, hi).numpy(), edges, density=True, alpha=0.6, label="test set (in-distribution)")
     for name, s in scores_out.items():
         ax.hist(s.clamp(lo, hi).numpy(), edges, density=True, histtype="step", lw=1.5, label=name)
-    ax.set_xlabel(score)
+    ax.set_xlabel(_SCORE_LABELS.get(score, score))
     ax.set_ylabel("density")
     ax.set_title(title or f"{score} of in- and out-of-distribution images")
     ax.legend(fontsize=7)

@@ -100,6 +100,32 @@ def test_joint_energy_rejects_bad_targets():
         jem.joint_energy(Z[0], Y[:1])
 
 
+@pytest.mark.parametrize("bad, values", [(5, "from 0 to 5"), (-1, "from -1 to 4"), (100, "from 0 to 100")])
+def test_functions_taking_labels_reject_labels_outside_the_classes(bad, values):
+    y = Y.clone()
+    y[0] = bad
+    y[1] = 4 if bad < 0 else 0
+    want = rf"y must hold class indices in \[0, 5\) for logits of 5 classes, got values {values}"
+    with pytest.raises(ValueError, match=want):
+        jem.joint_energy(Z, y)
+    with pytest.raises(ValueError, match=want):
+        jem.jem_loss(Z, y, Z)
+    assert jem.joint_energy(Z[:0], Y[:0]).shape == (0,)        # an empty batch has no range to check
+
+
+def test_toy_functions_reject_bad_labels():
+    x, y = jem.toy_mixture(30, seed=0)
+    with pytest.raises(ValueError, match=r"y must hold class indices in >= 0, got values from -1"):
+        jem.train_toy_jem(x, torch.where(y == 0, -1, y), steps=1)
+    model = jem.ToyClassifier(3, 8).double()
+    with pytest.raises(ValueError, match=r"labels must hold class indices in \[0, 10\)"):
+        jem.plot_energy_landscape(model, points=x, labels=y + 9, n=8)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        jem.plot_energy_landscape(model, points=x, labels=y[:5], n=8)
+    with pytest.raises(ValueError, match="pass points too"):
+        jem.plot_energy_landscape(model, labels=y, n=8)
+
+
 def test_px_loss_value_and_gradient_is_the_difference_of_expectations():
     model = Linear(3, 4).double()
     xd = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -139,6 +165,14 @@ def test_jem_loss_combines_cross_entropy_and_the_px_term():
 
 
 # -- the sampler -----------------------------------------------------------------------------
+
+def test_the_objective_trains_what_jem_loss_computes_without_re_checking_labels(monkeypatch):
+    model, obj, x, y = _gap_objective(px_weight=0.5, pyx_weight=2.0)
+    want, want_terms = jem.jem_loss(model(x), y, model(obj.buffer.samples[:5]), 0.5, 2.0)
+    monkeypatch.setattr(jem, "_check_targets", lambda *a, **k: pytest.fail("label range read per step"))
+    loss, _, terms = obj(model, x, y)
+    assert torch.allclose(loss, want, atol=1e-12) and all(torch.allclose(terms[k], want_terms[k]) for k in terms)
+
 
 def test_langevin_noise_and_temperature():
     assert jem.langevin_noise(0.5) == pytest.approx(1.0)
@@ -234,6 +268,11 @@ def test_replay_buffer_extremes_and_update():
     assert (buf.samples[idx] == -4.0).all() and (buf.samples[[0, 1, 3]] == 3.0).all()
     with pytest.raises(ValueError, match="must be"):
         buf.update(idx, torch.zeros(2, 3))
+    # a row drawn twice keeps the last chain's state, whatever order the threads write in
+    big = jem.ReplayBuffer(8, (4096,), reinit_prob=0.0)
+    rows = torch.tensor([3, 1, 3, 3, 1, 6])
+    big.update(rows, torch.arange(6.0)[:, None].expand(6, 4096))
+    assert big.samples[3].eq(3.0).all() and big.samples[1].eq(4.0).all() and big.samples[6].eq(5.0).all()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -375,7 +414,7 @@ def test_guard_raises_on_the_check_step_with_a_report():
     model = Linear(2, 3)
     obj = jem.JEMObjective(jem.ReplayBuffer(50, (2,)), None, n_steps=1, data_noise=0.0,
                            max_energy_gap=1e-9, check_every=3)
-    obj.total_steps = 100                              # as fit sets them: its step counter drives the guard
+    obj.steps_per_epoch = obj.total_steps = 100        # as fit sets them: its step counter drives the guard
     x, y = torch.randn(8, 2) * 5, torch.zeros(8, dtype=torch.int64)
     for obj.step in (0, 1):                            # the gap is read only every 3 steps
         obj(model, x, y)
@@ -388,6 +427,21 @@ def test_guard_raises_on_the_check_step_with_a_report():
     with pytest.raises(jem.JEMDiverged, match="by training step 100"):   # the last step is checked too
         obj(model, x, y)
     assert issubclass(jem.JEMDiverged, TrainingDiverged)
+
+
+def test_guard_holds_nothing_over_an_epochs_end():
+    # checkpoints are written between epochs: a gap seen in an epoch is judged before it ends
+    obj = jem.JEMObjective(jem.ReplayBuffer(50, (2,)), None, n_steps=1, data_noise=0.0,
+                           max_energy_gap=1e-9, check_every=5)
+    obj.steps_per_epoch, obj.total_steps = 4, 100
+    x, y = torch.randn(8, 2) * 5, torch.zeros(8, dtype=torch.int64)
+    for obj.step in (0, 1, 2):
+        obj(Linear(2, 3), x, y)
+    assert obj._worst is not None
+    obj.step = 3                                       # the epoch's last step, not a multiple of check_every
+    with pytest.raises(jem.JEMDiverged, match="by training step 4"):
+        obj(Linear(2, 3), x, y)
+    assert obj._worst is None
 
 
 def test_guard_catches_a_nan_gap():
@@ -482,6 +536,45 @@ def test_train_jem_builds_on_train_model_from_the_seed(tiny, monkeypatch):
     assert kw_b["description"] == "plain resnet8 (seed 3)"
 
 
+class Killed(Exception):
+    """Stands for kill -9: the process stops mid-epoch and keeps only the last checkpoint."""
+
+
+def test_a_killed_jem_run_resumes_from_its_checkpoint_exactly(tiny, tmp_path, monkeypatch):
+    tiny = dataclasses.replace(tiny, x_train=tiny.x_train[:128], y_train=tiny.y_train[:128])
+    recipe, kw = ONE.replace(epochs=3), dict(n_steps=2, buffer_size=64, eval_every=None, progress=False)
+    straight = jem.train_jem("resnet8", tiny, recipe, **kw)          # 2 steps per epoch, never stopped
+    assert jem.JEMObjective.resumable
+
+    path, real_sgld, calls = tmp_path / "jem.pt", jem.sgld, []
+
+    def dying_sgld(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:                                          # epoch 3's first step
+            raise Killed
+        return real_sgld(*args, **kwargs)
+
+    monkeypatch.setattr(jem, "sgld", dying_sgld)
+    with pytest.raises(Killed):
+        jem.train_jem("resnet8", tiny, recipe, checkpoint=path, **kw)
+    monkeypatch.setattr(jem, "sgld", real_sgld)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2
+    saved = state["objective"]["buffer.samples"]                     # the chains are in the checkpoint ...
+    fresh = jem.train_jem.__globals__["ReplayBuffer"]
+    seed_everything(0)
+    assert not torch.equal(saved, fresh(64, (3, 16, 16)).samples)     # ... as two epochs of SGLD left them
+
+    resumed = jem.train_jem("resnet8", tiny, recipe, checkpoint=path, **kw)
+    assert len(calls) == 5                                           # nothing ran twice before the kill
+    assert torch.equal(resumed.objective.buffer.samples, straight.objective.buffer.samples)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                  straight.model.state_dict().values()))
+    def drop(h):   # timings differ; NaN (no evaluation) never equals itself, so map it to None
+        return [{k: (None if v != v else v) for k, v in r.items() if k != "seconds"} for r in h.records]
+    assert drop(resumed.history) == drop(straight.history)
+
+
 def test_train_jem_rejects_bad_input_and_warns_about_batchnorm(tiny, monkeypatch):
     with pytest.raises(ValueError, match="Dataset"):
         jem.train_jem("resnet8", (tiny.x_train, tiny.y_train), ONE)
@@ -523,11 +616,11 @@ def test_ood_scores_are_the_papers_three_scores(tiny):
     space = jem.PixelSpace.from_dataset(tiny)
     images = tiny.x_test[:12]
     s = jem.ood_scores(model, images, space, batch_size=5)
-    assert set(s) == {"log p(x)", "max p(y|x)", "approx. mass"} and all(v.shape == (12,) for v in s.values())
+    assert set(s) == {"-E(x)", "max p(y|x)", "approx. mass"} and all(v.shape == (12,) for v in s.values())
     u = jem.PixelSpace.from_uint8(images).requires_grad_(True)
     logits = model(space.to_model(u))
     (grad,) = torch.autograd.grad(torch.logsumexp(logits, -1).sum(), u)
-    assert torch.allclose(s["log p(x)"], torch.logsumexp(logits, -1).detach(), atol=1e-5)
+    assert torch.allclose(s["-E(x)"], torch.logsumexp(logits, -1).detach(), atol=1e-5)
     assert torch.allclose(s["max p(y|x)"], logits.softmax(-1).max(-1).values.detach(), atol=1e-6)
     assert torch.allclose(s["approx. mass"], -grad.flatten(1).norm(dim=1), atol=1e-5)
     assert model.training                               # the mode is restored
@@ -536,9 +629,9 @@ def test_ood_scores_are_the_papers_three_scores(tiny):
 
 
 def test_ood_aurocs_puts_in_distribution_first():
-    s_in = {"log p(x)": torch.tensor([3.0, 4.0]), "max p(y|x)": torch.tensor([0.1, 0.2])}
-    s_out = {"noise": {"log p(x)": torch.tensor([1.0, 2.0]), "max p(y|x)": torch.tensor([0.5, 0.6])}}
-    assert jem.ood_aurocs(s_in, s_out) == {"noise": {"log p(x)": 1.0, "max p(y|x)": 0.0}}
+    s_in = {"-E(x)": torch.tensor([3.0, 4.0]), "max p(y|x)": torch.tensor([0.1, 0.2])}
+    s_out = {"noise": {"-E(x)": torch.tensor([1.0, 2.0]), "max p(y|x)": torch.tensor([0.5, 0.6])}}
+    assert jem.ood_aurocs(s_in, s_out) == {"noise": {"-E(x)": 1.0, "max p(y|x)": 0.0}}
 
 
 # -- the 2-D toy -----------------------------------------------------------------------------
@@ -624,8 +717,11 @@ def test_toy_figures_are_labelled(toy):
 def test_image_figures_are_labelled():
     fig = jem.plot_ood_histograms(torch.randn(100), {"noise": torch.randn(50) - 2, "flat": torch.randn(50) + 1})
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "log p(x)" and ax.get_ylabel() == "density" and ax.get_title()
-    assert len(ax.get_legend().get_texts()) == 3
+    # the default score is -E(x), labelled as the unnormalised log density it is
+    assert "unnormalised" in ax.get_xlabel() and "log Z" in ax.get_xlabel()
+    assert ax.get_ylabel() == "density" and ax.get_title() and len(ax.get_legend().get_texts()) == 3
+    fig = jem.plot_ood_histograms(torch.randn(100), {"noise": torch.randn(50)}, score="max p(y|x)")
+    assert fig.axes[0].get_xlabel() == "max p(y|x)"
     fig = jem.plot_samples(torch.rand(10, 3, 8, 8) * 2 - 1, nrow=4, title="chains")
     assert fig.axes[0].get_title() == "chains"
     with pytest.raises(ValueError, match="images must be"):
@@ -708,6 +804,8 @@ def test_check_sgld_step(capsys):
         jem.check_sgld_step(lambda x, g, a, s, e: x - a * g + a * s * e)
     with pytest.raises(AssertionError, match="standard deviation"):
         jem.check_sgld_step(lambda x, g, a, s, e: x - a * g + s**2 * e)
+    with pytest.raises(AssertionError, match="halves the step"):
+        jem.check_sgld_step(lambda x, g, a, s, e: x - a / 2 * g + s * e)
 
 
 def test_check_px_loss(capsys):
@@ -725,13 +823,26 @@ def test_check_px_loss(capsys):
         jem.check_px_loss(lambda d, q: -torch.logsumexp(d, -1))
 
 
-def test_check_sampler_temperature(capsys):
-    jem.check_sampler_temperature(...)
+def _simulated_forgetting(temperature, fraction=0.01):
+    """The first step at which chains on E = x^2 / 2 (eta 0.1, start variance 9) are within
+    ``fraction`` of their stationary variance, by running the exact variance recursion."""
+    eta, v, k = 0.1, 9.0, 0
+    v_inf = temperature / (1 - eta / 2)
+    while v - v_inf > fraction * v_inf:
+        v, k = (1 - eta) ** 2 * v + 2 * eta * temperature, k + 1
+    return k
+
+
+def test_check_forgetting_steps(capsys):
+    jem.check_forgetting_steps(...)
     assert "not attempted" in capsys.readouterr().out
-    jem.check_sampler_temperature(5e-5)
-    assert "✓" in capsys.readouterr().out
-    for wrong, match in ((1e-4, "factor 2"), (0.005, "VARIANCE"), (1.0, "true Langevin"), (0.3, "not quite")):
+    want = (_simulated_forgetting(1.0), _simulated_forgetting(5e-5))     # the smallest whole numbers of steps
+    assert want == (32, 80)
+    for right in (want, [want[0] - 1, want[1] - 1], (31.45, 79.04), (31.7, 79.3)):   # rounded either way, exact, T s^2
+        jem.check_forgetting_steps(right)
+        assert "✓" in capsys.readouterr().out
+    for wrong, match in (((80, 32), "wrong order"), ((63, 158), "twice too many"), ((16, 40), "half the steps"),
+                         ((9.6, 57.2), "1 %"), ((21.3, 21.9), "START variance"), ((32, 57), "cold one"), ((5, 5), "not quite"),
+                         ((32,), "two numbers"), ("31, 79", "two numbers"), ((31, float("nan")), "two numbers")):
         with pytest.raises(AssertionError, match=match):
-            jem.check_sampler_temperature(wrong)
-    with pytest.raises(AssertionError, match="number"):
-        jem.check_sampler_temperature("5e-5")
+            jem.check_forgetting_steps(wrong)
