@@ -124,19 +124,24 @@ CHAPTERS: dict[str, dict] = {
     ]),
     "03_fitnets.ipynb": dict(group=None, stages=[
         Stage("teacher resnet8x4, 30 epochs", train_alone("resnet8x4"), 30),
-        Stage("PlainCNN(13) alone, 15 epochs, 2 seeds", train_alone("plain13w16"), 15, runs=2),
-        Stage("PlainCNN(13) + KD, 15 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 15, runs=2),
-        Stage("FitNet stage 1 (hints; whole student and teacher counted), 5 epochs, 2 seeds",
-              kd("plain13w16", "resnet8x4"), 5, runs=2),
-        Stage("FitNet stage 2 (KD), 15 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 15, runs=2),
-        Stage("budget experiment at depth 4 (alone, KD, stage 1 + 2), one seed",
-              kd("plain4w32", "resnet8x4"), 15 + 15 + 20),
+        Stage("PlainCNN(13) alone, 11 epochs, 2 seeds", train_alone("plain13w16"), 11, runs=2),
+        Stage("PlainCNN(13) + KD, 11 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 11, runs=2),
+        Stage("PlainCNN(13) + KD at equal compute, 15 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 15, runs=2),
+        Stage("FitNet in one stage (hint + KD), 11 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 11, runs=2),
+        Stage("FitNet stage 1 (hints; whole student and teacher counted), 4 epochs, 2 seeds",
+              kd("plain13w16", "resnet8x4"), 4, runs=2),
+        Stage("FitNet stage 2 (KD), 11 epochs, 2 seeds", kd("plain13w16", "resnet8x4"), 11, runs=2),
+        Stage("budget experiment at depth 4: alone, 11 epochs, one seed", train_alone("plain4w37"), 11),
+        Stage("budget experiment at depth 4: FitNet stage 1 + 2, 4 + 11 epochs, one seed",
+              kd("plain4w37", "resnet8x4"), 15),
     ]),
     "04_gumbel_adashare.ipynb": dict(group=None, stages=[
         Stage("independent networks, hard sharing, stochastic depth, random policy: 3 task heads on a "
               "resnet14-sized trunk, 6 epochs, 2 seeds", 3 * train_alone("resnet14"), 6, runs=8, passes=3),
         Stage("AdaShare: warm-up 2 epochs, 8 policy rounds (counted as 8 epochs), retrain 6 epochs, 2 seeds",
               3 * train_alone("resnet14"), 2 + 8 + 6, runs=2, passes=3),
+        Stage("AdaShare policy in the paper's form: warm-up 2 epochs + 8 rounds, one seed",
+              3 * train_alone("resnet14"), 2 + 8, passes=3),
     ]),
     "05_ensembles_ods.ipynb": dict(group=None, stages=[
         Stage("Deep Ensemble teacher: 4 x resnet20 in one vmapped network, 60 epochs on 10,000 images",
@@ -147,9 +152,28 @@ CHAPTERS: dict[str, dict] = {
               4 * (kd("resnet20", "resnet20") + 3 * gmacs("resnet20")), 12, runs=4, images=10_000, passes=3),
     ]),
     "06_jem.ipynb": dict(group=None, stages=[
-        Stage("plain classifier wrn_16_2, 10 epochs, 1 seed", train_alone("wrn_16_2"), 10),
-        Stage("JEM wrn_16_2, 10 epochs, 1 seed: data step + 10 SGLD steps + sample step per batch",
-              12 * train_alone("wrn_16_2"), 10, passes=12),
+        Stage("plain classifier wrn_16_2, 10 epochs on 45,000 images (5,000 held out for temperature "
+              "scaling), 1 seed", train_alone("wrn_16_2"), 10, images=45_000),
+        Stage("JEM wrn_16_2, 10 epochs on 45,000 images, 1 seed: data step + 10 SGLD steps + sample step "
+              "per batch", 12 * train_alone("wrn_16_2"), 10, images=45_000, passes=12),
+    ]),
+    # IE-KD's auto-encoder (6 convolutions at 8x8, 64 <-> 32 channels) is about 0.008 GMACs a forward, a
+    # student's two split encoders about 0.004 together: small next to the networks, but each adds kernels
+    # (counted as extra passes: one per teacher factor or student encoder pair, one per IE-DML network)
+    "07_iekd.ipynb": dict(group=None, stages=[
+        Stage("teachers resnet56 and resnet8, 12 epochs each", train_alone("resnet56") + train_alone("resnet8"), 12,
+              passes=2),
+        Stage("two teacher auto-encoders, 2 epochs each (frozen teacher forward + auto-encoder)",
+              gmacs("resnet56") + gmacs("resnet8") + 2 * 3 * 0.008, 2, passes=2),
+        Stage("resnet20 alone, 5 epochs, 2 seeds", train_alone("resnet20"), 5, runs=2),
+        Stage("DML pairs of resnet20 (simultaneous update), 5 epochs, 2 seeds", 2 * train_alone("resnet20"), 5,
+              runs=2, passes=2),
+        Stage("KD from resnet56 and from resnet8, 5 epochs, 2 seeds",
+              kd("resnet20", "resnet56") + kd("resnet20", "resnet8"), 5, runs=2, passes=2),
+        Stage("IE-KD from resnet56 and from resnet8 (teacher factor + two student encoders), 5 epochs, 2 seeds",
+              kd("resnet20", "resnet56") + kd("resnet20", "resnet8") + 2 * (0.004 + 3 * 0.004), 5, runs=2, passes=3),
+        Stage("IE-DML pairs of resnet20 (auto-encoders and encoders trained alongside), 5 epochs, 2 seeds",
+              2 * (train_alone("resnet20") + 3 * (0.008 + 0.004)), 5, runs=2, passes=4),
     ]),
 }
 
