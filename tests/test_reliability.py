@@ -165,6 +165,7 @@ class _Evil:
         return (Path.touch, (Path(sys.argv[0]).parent / "never",))  # replaced below per test
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the hand-made pickle
 def test_5_a_cache_file_that_would_run_code_is_not_unpickled(tmp_path):
     target = tmp_path / "pwned"
 
@@ -194,6 +195,7 @@ def test_6_an_unwritable_data_root_fails_before_training(tiny, tmp_path, monkeyp
 
 # --- 7. a damaged partial checkpoint is set aside, training starts over ------------------------
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the hand-made pickle
 def test_7_a_damaged_partial_checkpoint_is_discarded_with_a_warning(tiny, data_dir):
     first = pretrained("resnet8", tiny, recipe=TINY_RECIPE, profile="smoke", device="cpu")
     partial = first.path.with_name(first.path.stem + ".partial.pt")
