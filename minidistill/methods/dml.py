@@ -3,12 +3,12 @@ r"""Chapter 7, part 1 -- Zhang, Xiang, Hospedales & Lu (CVPR 2018), "Deep Mutual
 No pretrained teacher: $M$ networks start from different random weights and train together,
 each with its own cross-entropy plus a mimicry term towards its peers' predictions,
 
-$$\mathcal L_k = H(q, p_k) + \frac{1}{M-1}\sum_{l \ne k} \mathrm{KL}(p_l \,\|\, p_k),$$
+$$\mathcal L_m = H\big(q, p^{(m)}\big) + \frac{1}{M-1}\sum_{l \ne m} \mathrm{KL}\big(p^{(l)} \,\|\, p^{(m)}\big),$$
 
-$p_k = \mathrm{softmax}(z_k)$ (the paper's $T = 1$), every peer $p_l$ a *target*: detached, it
-receives no gradient from $\mathcal L_k$. The official code sums over the peers instead of
-averaging (``reduction="sum"``; the two agree for $M = 2$). The paper's symbol for the number of
-networks is $K$; the course keeps $K$ for the number of classes and writes $M$.
+$p^{(m)} = \mathrm{softmax}(z^{(m)})$ (the paper's $T = 1$), every peer $p^{(l)}$ a *target*: detached, it
+receives no gradient from $\mathcal L_m$. The official code sums over the peers instead of
+averaging (``reduction="sum"``; the two agree for $M = 2$). The paper's symbols for the number of
+networks and its index are $K$, $k$; the course keeps $K$ for the number of classes and writes $M$, $m$.
 
 Pieces: :func:`mimicry_loss`, :func:`dml_losses` (all $M$ losses at once) and
 :class:`MutualLearning`, the objective that trains the $M$ networks with
@@ -48,7 +48,7 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 def mimicry_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], *, reduction: str = "mean",
                  temperature: float = 1.0, check_inputs: bool = True) -> torch.Tensor:
-    r"""Network $k$'s mimicry term: $\frac{1}{M-1}\sum_{l\ne k} T^2\,\mathrm{KL}(p_{l,T}\,\|\,p_{k,T})$
+    r"""Network $m$'s mimicry term: $\frac{1}{M-1}\sum_{l\ne m} T^2\,\mathrm{KL}(p^{(l)}_T\,\|\,p^{(m)}_T)$
     (``reduction="mean"``, the paper) or the plain sum over peers (``"sum"``, the official code),
     each KL a batch mean with the peer as the detached target
     (:func:`~minidistill.losses.kd_loss`). At the paper's $T = 1$ the factor $T^2$ is 1."""
@@ -65,7 +65,7 @@ def dml_losses(logits_list: Sequence[torch.Tensor], targets: torch.Tensor, *, re
                temperature: float = 1.0, check_inputs: bool = True
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     r"""The $M$ DML losses from the $M$ networks' logits on one batch:
-    $\mathcal L_k = H(q, p_k) + \mathrm{mimicry}_k$ (:func:`mimicry_loss`, peers detached).
+    $\mathcal L_m = H(q, p^{(m)}) + \mathrm{mimicry}_m$ (:func:`mimicry_loss`, peers detached).
 
     Returns ``(losses, ce, kl)``, three lists of $M$ scalars. Because every peer is detached,
     ``sum(losses).backward()`` gives each network exactly the gradient of its own loss: the
@@ -96,11 +96,11 @@ class MutualLearning(Objective):
     ``fit(net1, data, MutualLearning([net2, ...]))`` trains all $M$ networks.
 
     ``update="simultaneous"``: every step runs all networks on the batch and minimises
-    $\sum_k \mathcal L_k$ (peers detached inside each $\mathcal L_k$, so each network gets its
+    $\sum_m \mathcal L_m$ (peers detached inside each $\mathcal L_m$, so each network gets its
     own gradient); one forward per network per step.
 
     ``update="alternating"`` (the paper's Algorithm 1): step $s$ updates network
-    $k = s \bmod M$ alone, against its peers' predictions recomputed *after* the previous
+    $m = s \bmod M$ alone, against its peers' predictions recomputed *after* the previous
     network's update (under ``no_grad``). With ``same_batch=True`` (the paper) the $M$ steps of a
     round use the batch of the round's first step -- the batches ``fit`` hands over in between
     are skipped -- so each network gets $1/M$ of the steps: give it $M$ times the epochs for the

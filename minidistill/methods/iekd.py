@@ -1,15 +1,15 @@
 r"""Chapter 7, part 2 -- Huang, Shen, Xing, Liu, Tian, Li, Deng, Huang & Hua (CVPR 2021),
 "Revisiting Knowledge Distillation: An Inheritance and Exploration Framework" (IE-KD).
 
-The student's feature map $f_s$ (the last residual stage, before pooling) is split along its
+The student's feature map $f^s$ (the last residual stage, before pooling) is split along its
 channels into an *inheritance* half $f_\mathrm{inh}$ and an *exploration* half $f_\mathrm{exp}$.
 Both are encoded to "factors" $F_\mathrm{inh} = E_\mathrm{inh}(f_\mathrm{inh})$, $F_\mathrm{exp}
 = E_\mathrm{exp}(f_\mathrm{exp})$ and compared with the teacher's compact knowledge, the factor
-$F_t = E_t(f_t)$ of a :class:`FactorAutoEncoder` trained beforehand on the frozen teacher's
-feature $f_t$. With $\hat a = a / \lVert a \rVert_2$ per example and $D$ the size of a factor,
+$F^t = E^t(f^t)$ of a :class:`FactorAutoEncoder` trained beforehand on the frozen teacher's
+feature $f^t$. With $\hat a = a / \lVert a \rVert_2$ per example and $D$ the size of a factor,
 
-$$\mathcal L_\mathrm{inh} = \frac{1}{ND}\sum_n \lVert \hat F_{\mathrm{inh},n} - \hat F_{t,n} \rVert_1,
-\qquad \mathcal L_\mathrm{exp} = -\frac{1}{ND}\sum_n \lVert \hat F_{\mathrm{exp},n} - \hat F_{t,n} \rVert_1,$$
+$$\mathcal L_\mathrm{inh} = \frac{1}{ND}\sum_n \lVert \hat F_{\mathrm{inh},n} - \hat F^t_n \rVert_1,
+\qquad \mathcal L_\mathrm{exp} = -\frac{1}{ND}\sum_n \lVert \hat F_{\mathrm{exp},n} - \hat F^t_n \rVert_1,$$
 
 $$\mathcal L = H(q, p^s) + \lambda_\mathrm{inh}\,\mathcal L_\mathrm{inh} + \lambda_\mathrm{exp}\,\mathcal L_\mathrm{exp}.$$
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, DeviceLoader
-from ..exercises.iekd import check_dml_mimicry, check_exploration_loss, check_linear_cka
+from ..exercises.iekd import check_dml_gradient, check_farthest_factor, check_linear_cka
 from ..losses import Objective, TeacherObjective, upcast
 from ..metrics import linear_cka
 from ..models import FeatureExtractor, feature_names, feature_shapes
@@ -54,7 +54,7 @@ __all__ = [
     # figures, from iekd_plots
     "plot_toy", "plot_accuracies",
     # exercise self-checks, from exercises.iekd
-    "check_exploration_loss", "check_linear_cka", "check_dml_mimicry",
+    "check_farthest_factor", "check_linear_cka", "check_dml_gradient",
 ]
 
 SPLIT_MODES = ("natural", "random")
@@ -77,7 +77,7 @@ def factor_encoder(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class FactorAutoEncoder(nn.Module):
-    r"""The teacher's compact knowledge: an encoder $E_t$ from a feature map with ``in_channels``
+    r"""The teacher's compact knowledge: an encoder $E^t$ from a feature map with ``in_channels``
     channels to a *factor* with ``factor_channels`` (default half as many, the official 64 -> 32),
     and a mirrored decoder back. ``forward(f) -> (factor, reconstruction)``."""
 
@@ -181,7 +181,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, features: torch.Tensor) ->
 
 class FactorTeacher(nn.Module):
     """A frozen teacher and the encoder of its :class:`FactorAutoEncoder` as one network:
-    ``forward(x)`` is the factor $F_t = E_t(f_t)$ of the teacher's feature ``layer`` (the
+    ``forward(x)`` is the factor $F^t = E^t(f^t)$ of the teacher's feature ``layer`` (the
     forward stops after that layer)."""
 
     def __init__(self, teacher: nn.Module, encoder: nn.Module, layer: str = "layer3") -> None:
@@ -308,10 +308,10 @@ class MutualInheritExplore(Objective):
     r"""IE-DML: deep mutual learning (:func:`~minidistill.methods.dml.dml_losses`, simultaneous
     update) where each network also inherits from and explores away from its peers' factors.
 
-    For network $k$: $\mathcal L_k = H(q, p_k) + \mathrm{mimicry}_k + \lambda_\mathrm{inh}\,
+    For network $m$: $\mathcal L_m = H(q, p^{(m)}) + \mathrm{mimicry}_m + \lambda_\mathrm{inh}\,
     \overline{\mathcal L}_\mathrm{inh} + \lambda_\mathrm{exp}\,\overline{\mathcal L}_\mathrm{exp} +
     \lambda_\mathrm{rec}\,\mathcal L_\mathrm{rec}$, the bars averaging over the peers $l$, whose
-    factor $F_l = E_l(f_l)$ (detached) plays the teacher's. Each network has its own
+    factor $F^{(l)} = E^{(l)}(f^{(l)})$ (detached) plays the teacher's. Each network has its own
     :class:`FactorAutoEncoder`, trained at the same time on its own (detached) feature by the
     reconstruction loss, instead of beforehand. Terms (means over networks): ``ce``, ``kl``,
     ``inh``, ``exp``, ``rec``."""
@@ -430,13 +430,13 @@ def active_channels(features: torch.Tensor, threshold: float = 0.1) -> float:
 def toy_inherit_explore(lambda_inh: float = 1.0, lambda_exp: float = 1.0, *, steps: int = 150, seed: int = 0,
                         kind: str = "l1") -> dict[str, list[float]]:
     r"""A toy IE-KD in a second: 512 random inputs $x \in \mathbb R^{8}$ in 4 classes, a fixed
-    "teacher factor" $F_t = \sigma(xA)$ (6-D) and a student of two halves
+    "teacher factor" $F^t = \sigma(xA)$ (6-D) and a student of two halves
     $F_\mathrm{inh} = \sigma(xW_\mathrm{inh})$, $F_\mathrm{exp} = \sigma(xW_\mathrm{exp})$ (6-D
     each), $\sigma$ the LeakyReLU(0.1) that ends the real factor encoders, with a linear
     classifier on both, trained by Adam on $H + \lambda_\mathrm{inh}\mathcal L_\mathrm{inh}
     + \lambda_\mathrm{exp}\mathcal L_\mathrm{exp}$. Returns per step: ``inh`` and ``exp`` (the
-    two normalised distances to $F_t$), ``cka_inh``, ``cka_exp`` (linear CKA of each half with
-    $F_t$) and ``acc`` (training accuracy, %)."""
+    two normalised distances to $F^t$), ``cka_inh``, ``cka_exp`` (linear CKA of each half with
+    $F^t$) and ``acc`` (training accuracy, %)."""
     _check_weights(lambda_inh=lambda_inh, lambda_exp=lambda_exp)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 8, generator=g)

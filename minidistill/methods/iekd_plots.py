@@ -12,8 +12,8 @@ __all__ = ["plot_toy", "plot_accuracies"]
 
 def plot_toy(runs: Mapping[str, Mapping[str, Sequence[float]]], *, dim: int | None = None, title: str | None = None):
     """Curves of :func:`~minidistill.methods.iekd.toy_inherit_explore` runs (``{label: curves}``):
-    left, each half's normalised L1 distance to the teacher's factor (with the bound
-    ``2 / sqrt(dim)`` when ``dim`` is given); middle, linear CKA of each half with the teacher's
+    left, each half's normalised L1 distance to the teacher's factor (with the ceilings
+    ``2 / sqrt(dim)`` for any factors and ``sqrt(2 / dim)`` for non-negative ones when ``dim`` is given); middle, linear CKA of each half with the teacher's
     factor; right, training accuracy. Solid lines: inheritance half, dashed: exploration half."""
     if not runs:
         raise ValueError("runs must hold at least one {label: curves} entry")
@@ -24,11 +24,14 @@ def plot_toy(runs: Mapping[str, Mapping[str, Sequence[float]]], *, dim: int | No
             ax_c.plot(c[f"cka_{key}"], style, color=f"C{i}", label=f"{label}: {half}")
         ax_a.plot(c["acc"], color=f"C{i}", label=label)
     if dim is not None:
-        ax_d.axhline(2 / math.sqrt(dim), color="k", ls=":", lw=1, label=r"bound $2/\sqrt{D}$")
-    ax_d.set(xlabel="step", ylabel="normalised L1 distance to $F_t$", title="distance to the teacher's factor")
-    ax_c.set(xlabel="step", ylabel="linear CKA with $F_t$", title="similarity to the teacher's factor", ylim=(0, 1.02))
+        ax_d.axhline(2 / math.sqrt(dim), color="k", ls=":", lw=1, label=r"ceiling $2/\sqrt{D}$ (any factors)")
+        ax_d.axhline(math.sqrt(2 / dim), color="0.5", ls=":", lw=1, label=r"ceiling $\sqrt{2/D}$ (non-negative)")
+        ax_d.set_ylim(0, 1.8 * 2 / math.sqrt(dim))   # room for the legend above the ceilings
+    ax_d.set(xlabel="step", ylabel="normalised L1 distance to $F^t$", title="distance to the teacher's factor")
+    ax_c.set(xlabel="step", ylabel="linear CKA with $F^t$", title="similarity to the teacher's factor", ylim=(0, 1.02))
     ax_a.set(xlabel="step", ylabel="training accuracy (%)", title="the task")
-    for ax in (ax_d, ax_c, ax_a):
+    ax_d.legend(fontsize=6.5, loc="upper left")
+    for ax in (ax_c, ax_a):
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

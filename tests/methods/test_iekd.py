@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from minidistill import train
 from minidistill.data import make_shapes
 from minidistill.exercises import iekd as ex
-from minidistill.methods import iekd
+from minidistill.methods import dml, iekd
 from minidistill.models import CifarResNet, create_model
 from minidistill.train import Recipe
 
@@ -62,6 +62,27 @@ def test_exploration_loss_is_bounded_and_the_bound_is_reached():
     worst = max(-iekd.exploration_loss(torch.randn(64, d, generator=G), torch.randn(64, d, generator=G)).item()
                 for _ in range(20))
     assert worst <= 2 / math.sqrt(d) + 1e-6
+
+
+def test_minimising_the_exploration_loss_settles_above_the_floor_but_the_unnormalised_push_diverges():
+    d = 8
+    b = torch.randn(16, d, generator=G, dtype=torch.float64)
+    a0 = torch.randn(16, d, generator=G, dtype=torch.float64)
+    ends = {}
+    for name, fn in (("normalised", iekd.exploration_loss), ("raw", lambda a, t: -(a - t).abs().mean())):
+        a = a0.clone().requires_grad_()
+        opt = torch.optim.Adam([a], lr=0.05)
+        values = []
+        for _ in range(300):
+            loss = fn(a, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            values.append(loss.item())
+        ends[name] = values
+    assert min(ends["normalised"]) >= -2 / math.sqrt(d)
+    assert abs(ends["normalised"][-1] - ends["normalised"][-101]) < 1e-6          # settled
+    assert ends["raw"][-1] < ends["raw"][-101] - 3                                 # still falling, without limit
 
 
 def test_cosine_variant_pulls_with_one_minus_cos_and_pushes_towards_orthogonality():
@@ -209,7 +230,10 @@ def test_toy_is_deterministic_and_inheritance_raises_the_similarity():
 
 def test_figures():
     curves = iekd.toy_inherit_explore(steps=5)
-    assert len(iekd.plot_toy({"a": curves}, dim=6, title="t").axes) == 3
+    fig = iekd.plot_toy({"a": curves}, dim=6, title="t")
+    assert len(fig.axes) == 3
+    ceilings = sorted(line.get_ydata()[0] for line in fig.axes[0].lines if "ceiling" in line.get_label())
+    assert ceilings == pytest.approx([math.sqrt(2 / 6), 2 / math.sqrt(6)])
     fig = iekd.plot_accuracies({"alone": [80.0, 81.0], "KD": [82.0, 82.5]}, reference="alone", title="x")
     assert fig.axes[0].get_ylabel() == "test accuracy (%)"
     plt.close("all")
@@ -222,21 +246,36 @@ def _ok(check, fn, capsys, tick):
     assert tick in capsys.readouterr().out
 
 
-def test_check_exploration_loss_accepts_correct_forms(capsys):
-    _ok(ex.check_exploration_loss, lambda a, b: -iekd.normalized_l1(a, b), capsys, "✓")
-    manual = lambda a, b: -(F.normalize(a.flatten(1), dim=1) - F.normalize(b.flatten(1), dim=1)).abs().mean()  # noqa: E731
-    _ok(ex.check_exploration_loss, manual, capsys, "✓")
+def _farthest(b):
+    flat = b.flatten(1)
+    s = torch.where(flat > 0, -1.0, 1.0).to(flat.dtype)            # against b's signs; + where b = 0
+    return (s / flat.shape[1] ** 0.5).reshape(b.shape)
+
+
+def test_check_farthest_factor_accepts_every_farthest_vector(capsys):
+    _ok(ex.check_farthest_factor, _farthest, capsys, "✓")
+    _ok(ex.check_farthest_factor, lambda b: 5 * _farthest(b), capsys, "✓")            # any positive multiple
+    _ok(ex.check_farthest_factor, lambda b: _farthest(b.float()), capsys, "✓")          # float32
+    other_zero_sign = lambda b: -torch.sign(b) + (b == 0).to(b.dtype) * -1.0          # noqa: E731  (- where b = 0)
+    _ok(ex.check_farthest_factor, other_zero_sign, capsys, "✓")
+
+
+def test_farthest_factor_reaches_the_bound_for_a_flat_teacher_factor():
+    b = torch.ones(1, 9, dtype=torch.float64)
+    assert -iekd.exploration_loss(_farthest(b), b).item() == pytest.approx(2 / 3, rel=1e-12)   # 2 / sqrt(D)
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (lambda a, b: iekd.normalized_l1(a, b), "sign"),
-    (lambda a, b: -(F.normalize(a.flatten(1), dim=1) - F.normalize(b.flatten(1), dim=1)).abs().sum() / len(a), "factor D"),
-    (lambda a, b: -(a - b).abs().mean(), "normalise"),
-    (lambda a, b: -(a.flatten() / a.norm() - b.flatten() / b.norm()).abs().mean(), "separately"),
+    (lambda b: -b, "L2, not in L1"),
+    (lambda b: torch.sign(b), "TOWARDS"),
+    (lambda b: -torch.sign(b), "sign\\(b_i\\) = 0"),
+    (lambda b: torch.zeros_like(b), "non-zero"),
+    (lambda b: -torch.sign(b).flatten(1)[:, :2], "shape"),
+    (lambda b: -F.one_hot(b.flatten(1).argmax(1), b.flatten(1).shape[1]).to(b.dtype).reshape(b.shape), "not the farthest"),
 ])
-def test_check_exploration_loss_catches_classic_mistakes(wrong, hint):
+def test_check_farthest_factor_catches_classic_mistakes(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
-        ex.check_exploration_loss(wrong)
+        ex.check_farthest_factor(wrong)
 
 
 def _cka_features(x, y):
@@ -267,33 +306,48 @@ def test_check_linear_cka_catches_classic_mistakes(wrong, hint):
         ex.check_linear_cka(wrong)
 
 
-def test_check_dml_mimicry_accepts_kl_div_and_a_written_out_kl(capsys):
-    kl_div = lambda z1, z2: F.kl_div(F.log_softmax(z1, 1), F.softmax(z2.detach(), 1), reduction="batchmean")  # noqa: E731
+def _dml_gradient_closed(logits, y):
+    p = [torch.softmax(z, 1) for z in logits]
+    q = F.one_hot(y, logits[0].shape[1]).to(logits[0].dtype)
+    return (2 * p[0] - q - torch.stack(p[1:]).mean(0)) / len(y)
 
-    def written(z1, z2):
-        lp1, lp2 = torch.log_softmax(z1, 1), torch.log_softmax(z2, 1).detach()
-        return (lp2.exp() * (lp2 - lp1)).sum(1).mean()
 
-    _ok(ex.check_dml_mimicry, kl_div, capsys, "✓")
-    _ok(ex.check_dml_mimicry, written, capsys, "✓")
+def _dml_gradient_autograd(logits, y):
+    z1 = logits[0].clone().requires_grad_()
+    loss = dml.dml_losses([z1, *logits[1:]], y)[0][0]
+    return torch.autograd.grad(loss, z1)[0]
+
+
+def test_check_dml_gradient_accepts_the_closed_form_and_autograd(capsys):
+    _ok(ex.check_dml_gradient, _dml_gradient_closed, capsys, "✓")
+    _ok(ex.check_dml_gradient, _dml_gradient_autograd, capsys, "✓")
+    _ok(ex.check_dml_gradient, lambda zs, y: _dml_gradient_closed([z.float() for z in zs], y), capsys, "✓")   # float32
+
+
+def _softmaxes(logits, y):
+    p = [torch.softmax(z, 1) for z in logits]
+    return p, F.one_hot(y, logits[0].shape[1]).to(logits[0].dtype)
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (lambda z1, z2: F.kl_div(F.log_softmax(z2.detach(), 1), F.softmax(z1, 1), reduction="batchmean"), "reversed"),
-    (lambda z1, z2: F.kl_div(F.log_softmax(z1, 1), F.softmax(z2, 1), reduction="batchmean"), "detach"),
-    (lambda z1, z2: F.kl_div(F.log_softmax(z1, 1), F.softmax(z2.detach(), 1), reduction="mean"), "factor K"),
+    (lambda zs, y: -_dml_gradient_closed(zs, y), "sign"),
+    (lambda zs, y: _dml_gradient_closed(zs, y) * len(y), "factor N"),
+    (lambda zs, y: (_softmaxes(zs, y)[0][0] - torch.stack(_softmaxes(zs, y)[0][1:]).mean(0)) / len(y), "cross-entropy"),
+    (lambda zs, y: (_softmaxes(zs, y)[0][0] - _softmaxes(zs, y)[1]) / len(y), "mimicry"),
+    (lambda zs, y: (len(zs) * _softmaxes(zs, y)[0][0] - _softmaxes(zs, y)[1]
+                    - torch.stack(_softmaxes(zs, y)[0][1:]).sum(0)) / len(y), "SUM over peers"),
+    (lambda zs, y: _dml_gradient_closed(zs, y)[:, :2], "N, K"),
 ])
-@pytest.mark.filterwarnings("ignore:reduction")       # torch warns about reduction="mean", the mistake itself
-def test_check_dml_mimicry_catches_classic_mistakes(wrong, hint):
+def test_check_dml_gradient_catches_classic_mistakes(wrong, hint):
     with pytest.raises(AssertionError, match=hint):
-        ex.check_dml_mimicry(wrong)
+        ex.check_dml_gradient(wrong)
 
 
 def test_checks_say_not_attempted(capsys):
     def todo(*args):
         raise NotImplementedError
 
-    for check in (ex.check_exploration_loss, ex.check_linear_cka, ex.check_dml_mimicry):
+    for check in (ex.check_farthest_factor, ex.check_linear_cka, ex.check_dml_gradient):
         check(todo)
         assert "not attempted" in capsys.readouterr().out
 
