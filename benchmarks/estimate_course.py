@@ -175,6 +175,18 @@ CHAPTERS: dict[str, dict] = {
         Stage("IE-DML pairs of resnet20 (auto-encoders and encoders trained alongside), 5 epochs, 2 seeds",
               2 * (train_alone("resnet20") + 3 * (0.008 + 0.004)), 5, runs=2, passes=4),
     ]),
+    "08_trikd.ipynb": dict(group=None, stages=[
+        Stage("fixed teacher resnet56 for KD, 10 epochs", train_alone("resnet56"), 10),
+        Stage("resnet8 alone, 4 epochs, 2 seeds", train_alone("resnet8"), 4, runs=2),
+        Stage("resnet8 alone at equal student epochs, 12 epochs, 2 seeds", train_alone("resnet8"), 12, runs=2),
+        Stage("KD resnet56 -> resnet8, 4 epochs, 2 seeds", kd("resnet8", "resnet56"), 4, runs=2, passes=2),
+        Stage("TriKD generation 0 (DML: resnet8 + resnet56 online), 4 epochs, 2 seeds",
+              train_alone("resnet8") + train_alone("resnet56"), 4, runs=2, passes=2),
+        Stage("TriKD generations 1-2 (pair + frozen resnet8 anchor), 4 epochs, 2 seeds",
+              train_alone("resnet8") + train_alone("resnet56") + gmacs("resnet8"), 4, runs=4, passes=3),
+        Stage("over-strong anchor: generation 1 again with lambda_a = 10, 4 epochs, one seed",
+              train_alone("resnet8") + train_alone("resnet56") + gmacs("resnet8"), 4, passes=3),
+    ]),
 }
 
 
