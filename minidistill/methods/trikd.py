@@ -17,7 +17,8 @@ $$\mathcal L_s = H(q, p^s) + \lambda_m T^2\,\mathrm{KL}(p^t_T \,\|\, p^s_T) + \l
 
 The objective divides each loss by $1 + \lambda_m + \lambda_a$ by default (``normalize=True``): the same
 minimisers, and at $T = 1$ a cross-entropy to the mixture $(q + \lambda_m p^\text{peer} + \lambda_a p^a) /
-(1 + \lambda_m + \lambda_a)$, so that the weights do not also scale SGD's step.
+(1 + \lambda_m + \lambda_a)$, so that the weights do not also scale SGD's step (the price: where the
+networks agree, the step on the labels is $1/(1 + \lambda_m + \lambda_a)$ of training alone's).
 
 Pieces: :func:`trikd_losses` (both losses from the three networks' logits), the objective
 :class:`TripletDistillation` (built on :class:`~minidistill.methods.dml.MutualLearning`: the
@@ -35,14 +36,16 @@ import torch
 from torch import nn
 
 from ..data import Dataset
-from ..exercises.trikd import check_anchor_gradient, check_anchor_term
+from ..exercises.trikd import (check_anchor_gradient, check_anchor_term, check_flip_weight,
+                               check_student_gradient)
 from ..losses import TeacherObjective, kd_loss
 from ..train import History, Recipe
 from .dml import MutualLearning, dml_losses, train_mutual
 
 __all__ = [
     "TriKDLosses", "trikd_losses", "TripletDistillation", "Generation", "train_trikd", "GENERATION_SEED_STEP",
-    "toy_data", "toy_triplet", "check_anchor_term", "check_anchor_gradient",
+    "toy_data", "toy_triplet", "check_anchor_term", "check_anchor_gradient", "check_flip_weight",
+    "check_student_gradient",
 ]
 
 #: generation ``g`` builds its networks from ``seed + GENERATION_SEED_STEP * g``: fresh random weights each time
@@ -77,7 +80,8 @@ def trikd_losses(teacher_logits: torch.Tensor, student_logits: torch.Tensor, anc
     weight $\lambda_m$. ``normalize=True`` divides both losses by $1 + \lambda_m + \lambda_a$ (by
     $1 + \lambda_m$ without an anchor): the same minimisers, and at $T = 1$ exactly the cross-entropy
     to the mixture $(q + \lambda_m p^\text{peer} + \lambda_a p^a) / (1 + \lambda_m + \lambda_a)$ plus a
-    constant, so the gradient keeps a plain cross-entropy's scale at any weights. ``parts``: ``teacher_ce, teacher_mutual, teacher_anchor, student_ce,
+    constant, so the gradient stays bounded like a plain cross-entropy's at any weights (the price: where
+    the networks agree it is $(p - q) / (1 + \lambda_m + \lambda_a)$ per example, a smaller step on the labels). ``parts``: ``teacher_ce, teacher_mutual, teacher_anchor, student_ce,
     student_mutual, student_anchor`` (the KLs times $T^2$, before the weights)."""
     _check_weight("mutual_weight", mutual_weight)
     _check_weight("anchor_weight", anchor_weight)
@@ -86,8 +90,8 @@ def trikd_losses(teacher_logits: torch.Tensor, student_logits: torch.Tensor, anc
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher and student logits must have one shape [N, K], got teacher "
                          f"{tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)}")
-    (l_s, l_t), (ce_s, ce_t), (mut_s, mut_t) = dml_losses([student_logits, teacher_logits], targets,
-                                                          temperature=temperature, check_inputs=check_inputs)
+    _, (ce_s, ce_t), (mut_s, mut_t) = dml_losses([student_logits, teacher_logits], targets,
+                                                 temperature=temperature, check_inputs=check_inputs)
     if anchor_logits is None:
         anc_t = anc_s = student_logits.new_zeros((), dtype=ce_s.dtype)
     else:
@@ -122,7 +126,8 @@ class TripletDistillation(MutualLearning):
     ``normalize=True`` (the default) divides both losses by $1 + \lambda_m + \lambda_a$
     (:func:`trikd_losses`): SGD's step is proportional to the loss's scale, and without it a large
     weight would also mean a larger learning rate; with it the loss is, at $T = 1$, a
-    cross-entropy to a mixture target, of the same scale as training alone.
+    cross-entropy to a mixture target, bounded like training alone's. The price: where the networks
+    agree the step on the labels is $1/(1 + \lambda_m + \lambda_a)$ of training alone's.
 
     Terms logged: ``ce``, ``mutual``, ``anchor`` (the student's, unweighted) and ``teacher_ce``,
     ``teacher_mutual``, ``teacher_anchor`` (the teacher's; ``teacher_anchor`` is
@@ -175,8 +180,8 @@ class TripletDistillation(MutualLearning):
 @dataclass
 class Generation:
     """One TriKD generation: its index, the trained student and teacher, the anchor they were
-    pulled towards (``None`` in generation 0; otherwise the student of the generation before, the
-    same object), the student's history (with every term), and both networks' test accuracy (%)."""
+    pulled towards (read from the objective that trained them: ``None`` in generation 0; otherwise
+    the student of the generation before, the same object), the student's history (with every term), and both networks' test accuracy (%)."""
 
     index: int
     student: nn.Module
@@ -210,15 +215,21 @@ def train_trikd(student: str | Callable[[], nn.Module], teacher: str | Callable[
     _check_weight("anchor_weight", anchor_weight)
     out: list[Generation] = []
     for index in range(start, start + generations):
+        used: list[TripletDistillation] = []     # the objective that trained this generation
+
         def objective(peers: list[nn.Module], anchor: nn.Module | None = anchor) -> TripletDistillation:
-            return TripletDistillation(peers[0], anchor, mutual_weight=mutual_weight, anchor_weight=anchor_weight,
-                                       temperature=temperature, normalize=normalize)
+            used.append(TripletDistillation(peers[0], anchor, mutual_weight=mutual_weight,
+                                            anchor_weight=anchor_weight, temperature=temperature,
+                                            normalize=normalize))
+            return used[-1]
 
         kwargs = dict(fit_kwargs)
         kwargs.setdefault("description", f"TriKD generation {index} (seed {seed})")
         run = train_mutual([student, teacher], data, recipe, seed=seed + GENERATION_SEED_STEP * index,
                            objective=objective, **kwargs)
-        out.append(Generation(index, run.models[0], run.models[1], anchor, run.history, *run.test_acc))
+        # record the anchor the training objective actually held (not the loop variable), so that a
+        # check of the bookkeeping tests what was trained
+        out.append(Generation(index, run.models[0], run.models[1], used[-1].anchor, run.history, *run.test_acc))
         anchor = run.models[0]            # this student anchors the next generation
     return out
 

@@ -220,3 +220,89 @@ def test_anchor_cannot_be_the_teacher_and_fit_model_must_be_the_student():
     teacher = _net(1)
     with pytest.raises(ValueError, match="student"):
         train.fit(teacher, DATA, trikd.TripletDistillation(teacher, _net(2)), RECIPE, progress=False, device="cpu")
+
+
+def test_generation_records_the_anchor_the_objective_trained_with(monkeypatch):
+    """The bookkeeping reads the anchor from the objective that trained, so a loop that forgets to hand the
+    anchor to the objective shows up as a broken chain (what the chapter's check would print False for)."""
+    class Forgetful(trikd.TripletDistillation):
+        def __init__(self, teacher, anchor=None, **kwargs):
+            super().__init__(teacher, None, **kwargs)
+
+    monkeypatch.setattr(trikd, "TripletDistillation", Forgetful)
+    gens = trikd.train_trikd(lambda: _net(), lambda: _net(), DATA, RECIPE, generations=2, progress=False,
+                             device="cpu", eval_every=None)
+    assert gens[1].anchor is None and gens[1].anchor is not gens[0].student
+
+
+def _flip_loop(y, ps, pa, lm):
+    best = float("inf")
+    for k in range(len(pa)):
+        if k != y and pa[k] > pa[y]:
+            best = min(best, float((1 + lm * (ps[y] - ps[k])) / (pa[k] - pa[y])))
+    return best
+
+
+def _flip_vectorised(y, ps, pa, lm):       # another correct form, returning a 0-d tensor
+    gap = pa - pa[y]
+    ratio = (1 + lm * (ps[y] - ps)) / gap
+    return torch.where(gap > 0, ratio, torch.full_like(ratio, float("inf"))).min()
+
+
+def test_flip_weight_check_accepts_right_forms_and_catches_mistakes(capsys):
+    for fn in (_flip_loop, _flip_vectorised):
+        trikd.check_flip_weight(fn)
+        assert "✓" in capsys.readouterr().out
+    mistakes = {
+        "is ignored": lambda y, ps, pa, lm: _flip_loop(y, ps, pa, 0.0),
+        "top class": lambda y, ps, pa, lm: (float((1 + lm * (ps[y] - ps[int(pa.argmax())])) / (pa.max() - pa[y]))
+                                            if int(pa.argmax()) != y else float("inf")),
+        # right where the anchor is wrong, but 1 / (largest gap) -- a negative weight -- where it is right
+        "math.inf": lambda y, ps, pa, lm: (_flip_loop(y, ps, pa, lm) if int(pa.argmax()) != y
+                                           else float(1 / (torch.cat([pa[:y], pa[y + 1:]]).max() - pa[y]))),
+    }
+    for hint, fn in mistakes.items():
+        with pytest.raises(AssertionError, match=hint):
+            trikd.check_flip_weight(fn)
+
+    def todo(y, ps, pa, lm):
+        raise NotImplementedError
+
+    trikd.check_flip_weight(todo)
+    assert "not attempted" in capsys.readouterr().out
+
+
+def _student_grad(z, v, a, y, lm, la, t):
+    q = F.one_hot(y, z.shape[1]).to(z.dtype)
+    p_t = (z / t).softmax(1)
+    g = (z.softmax(1) - q) + t * lm * (p_t - (v / t).softmax(1)) + t * la * (p_t - (a / t).softmax(1))
+    return g / ((1 + lm + la) * len(z))
+
+
+def _student_grad_mixture(z, v, a, y, lm, la, t):    # the same, written around the mixture of the KL targets
+    q = F.one_hot(y, z.shape[1]).to(z.dtype)
+    target = (lm * (v / t).softmax(1) + la * (a / t).softmax(1)) / (lm + la)
+    return ((z.softmax(1) - q) + t * (lm + la) * ((z / t).softmax(1) - target)) / ((1 + lm + la) * len(z))
+
+
+def test_student_gradient_check_accepts_right_forms_and_catches_mistakes(capsys):
+    for fn in (_student_grad, _student_grad_mixture):
+        trikd.check_student_gradient(fn)
+        assert "✓" in capsys.readouterr().out
+
+    def ce_at_t(z, v, a, y, lm, la, t):
+        return _student_grad(z, v, a, y, lm, la, t) + (((z / t).softmax(1) - z.softmax(1)) / ((1 + lm + la) * len(z)))
+
+    def no_t(z, v, a, y, lm, la, t):
+        q = F.one_hot(y, z.shape[1]).to(z.dtype)
+        p_t = (z / t).softmax(1)
+        g = (z.softmax(1) - q) + lm * (p_t - (v / t).softmax(1)) + la * (p_t - (a / t).softmax(1))
+        return g / ((1 + lm + la) * len(z))
+
+    mistakes = {"sign": lambda *args: -_student_grad(*args),
+                "normalised": lambda z, v, a, y, lm, la, t: _student_grad(z, v, a, y, lm, la, t) * (1 + lm + la),
+                "1/N": lambda *args: _student_grad(*args) * len(args[0]),
+                "T = 1": ce_at_t, "factor is T": no_t}
+    for hint, fn in mistakes.items():
+        with pytest.raises(AssertionError, match=hint):
+            trikd.check_student_gradient(fn)
