@@ -655,6 +655,15 @@ def _state_digest(state: dict[str, torch.Tensor], extra: Any = None) -> str:
     return h.hexdigest()
 
 
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but not been reaped (Linux: state Z in /proc); False elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
+
+
 class _CacheLock:
     """A lock file per cache entry (created with O_CREAT | O_EXCL, holding the owner's pid), so that
     two processes asking for one uncached teacher train it once: the second waits, then loads it.
@@ -663,11 +672,22 @@ class _CacheLock:
     def __init__(self, path: Path, poll: float = 0.5) -> None:
         self.path, self.poll = path.with_name(path.name + ".lock"), poll
 
+    #: an empty lock file older than this is left by a process that died between creating it and
+    #: writing its pid (a younger one is being written right now)
+    EMPTY_GRACE_S = 30.0
+
     def _stale(self) -> bool:
         try:
-            pid = int(self.path.read_text() or "0")
-        except (OSError, ValueError):
-            return False  # being written right now: not stale
+            text = self.path.read_text().strip()
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return False  # gone or being replaced right now: try again
+        if not text:
+            return age > self.EMPTY_GRACE_S
+        try:
+            pid = int(text)
+        except ValueError:
+            return True
         if pid <= 0:
             return True
         try:
@@ -676,7 +696,7 @@ class _CacheLock:
             return True
         except PermissionError:  # alive, someone else's
             return False
-        return False
+        return _is_zombie(pid)  # a killed process nobody has reaped still answers os.kill
 
     def __enter__(self) -> "_CacheLock":
         waited = False

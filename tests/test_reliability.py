@@ -5,10 +5,12 @@ modules with at least three bad inputs and asserts a clear error that names the 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -69,6 +71,29 @@ def test_2_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with train._CacheLock(path, poll=0.01):
         assert (tmp_path / "m.pt.lock").read_text() != "999999999"
     assert not (tmp_path / "m.pt.lock").exists()
+
+
+def test_2_a_fresh_empty_lock_is_respected_an_old_one_or_a_zombies_is_not(tmp_path, monkeypatch):
+    lock = train._CacheLock(tmp_path / "m.pt", poll=0.01)
+    lock.path.write_text("")                                  # another process between create and write
+    assert not lock._stale()
+    old = time.time() - 2 * train._CacheLock.EMPTY_GRACE_S
+    os.utime(lock.path, (old, old))                           # ... that died there
+    assert lock._stale()
+    lock.path.write_text(str(os.getpid()))                    # alive
+    assert not lock._stale()
+    monkeypatch.setattr(train, "_is_zombie", lambda pid: True)   # killed, never reaped
+    assert lock._stale()
+
+
+def test_2_is_zombie_reads_the_process_state():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while not train._is_zombie(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)                                      # exited, not yet waited for: a zombie
+    assert train._is_zombie(child.pid)
+    child.wait()
+    assert not train._is_zombie(child.pid) and not train._is_zombie(os.getpid())
 
 
 # --- 3. resume keeps every state, or refuses ---------------------------------------------------
