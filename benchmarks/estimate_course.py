@@ -53,6 +53,10 @@ def gmacs(name: str) -> float:
         from minidistill.fast_teacher import FastNet
 
         model = FastNet(10, tta=False)
+    elif name == "resnet20x4":  # chapter 9's wide network (not in models.MODELS)
+        from minidistill.methods.wide_narrow import wide_resnet
+
+        model = wide_resnet(20, 4, 10)
     elif name.startswith("plain"):
         depth, width = (int(v) for v in name[5:].split("w"))
         model = PlainCNN(depth, (width, 2 * width, 4 * width), 10)
@@ -186,6 +190,14 @@ CHAPTERS: dict[str, dict] = {
               train_alone("resnet8") + train_alone("resnet56") + gmacs("resnet8"), 4, runs=4, passes=3),
         Stage("over-strong anchor: generation 1 again with lambda_a = 10, 4 epochs, one seed",
               train_alone("resnet8") + train_alone("resnet56") + gmacs("resnet8"), 4, passes=3),
+    ]),
+    "09_wide_narrow.ipynb": dict(group=None, stages=[
+        Stage("wide network resnet20x4 (stage 1), 15 epochs", train_alone("resnet20x4"), 15),
+        Stage("resnet20 alone, 10 epochs, 2 seeds", train_alone("resnet20"), 10, runs=2),
+        Stage("resnet20 + KD from resnet20x4, 10 epochs, 2 seeds", kd("resnet20", "resnet20x4"), 10, runs=2),
+        Stage("layerwise imitation, 4 blocks x 1 epoch (each counted as a full KD step: an upper bound, the "
+              "prefixes are shorter), 2 seeds", kd("resnet20", "resnet20x4"), 4, runs=2),
+        Stage("merged resnet20 fine-tuned, 6 epochs, 2 seeds", train_alone("resnet20"), 6, runs=2),
     ]),
 }
 
