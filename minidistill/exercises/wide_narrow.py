@@ -17,58 +17,78 @@ from ..runtime import attempted
 __all__ = ["check_fold", "check_imitation_loss", "check_mergeable", "MERGEABLE_QUESTIONS"]
 
 
-def check_fold(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 1: ``fn(weight, m)`` -> the weight of one convolution that computes
-    ``conv2d(apply m to the channels of x, weight)``; ``weight`` is ``[C_out, C, k, k]``, ``m`` is
-    ``[C, C]`` and maps input channel vectors ``c -> m @ c``."""
+def check_fold(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Exercise 1 (folding *backwards*): ``fn(weight, bias, m)`` -> ``(weight', bias')`` of one
+    convolution that computes ``m`` applied to the output channels of ``conv2d(x, weight, bias)``;
+    ``weight`` is ``[C_out, C_in, r, r]``, ``bias`` is ``[C_out]``, ``m`` is ``[C_out, C_out]`` and maps
+    output channel vectors ``c -> m @ c``."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64)
-    m = torch.randn(4, 4, generator=g, dtype=torch.float64)
-    if not attempted(fn, w.clone(), m.clone()):
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    m = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    if not attempted(fn, w.clone(), b.clone(), m.clone()):
         return
     x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
-    want = F.conv2d(torch.einsum("ij,njhw->nihw", m, x), w, padding=1)
-    got_w = fn(w.clone(), m.clone())
-    if not isinstance(got_w, torch.Tensor) or got_w.shape != w.shape:
-        raise AssertionError(f"return a weight of the convolution's shape {tuple(w.shape)}, got "
-                             f"{getattr(got_w, 'shape', type(got_w).__name__)}")
-    got = F.conv2d(x, got_w.to(torch.float64), padding=1)
-    if torch.allclose(got, want, rtol=1e-9, atol=1e-9):
-        print("✓ fold: one convolution now does the map and the convolution")
+    want = torch.einsum("ij,njhw->nihw", m, F.conv2d(x, w, b, padding=1))
+    out = fn(w.clone(), b.clone(), m.clone())
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise AssertionError("return a pair (weight, bias) of tensors")
+    got_w, got_b = out
+    if got_w.shape != w.shape or got_b.shape != b.shape:
+        raise AssertionError(f"the weight must keep the shape {tuple(w.shape)} and the bias {tuple(b.shape)}, got "
+                             f"{tuple(got_w.shape)} and {tuple(got_b.shape)}")
+    got_w, got_b = got_w.to(torch.float64), got_b.to(torch.float64)
+    tol = dict(rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32 answers are right too
+
+    def gives(weight: torch.Tensor, bias: torch.Tensor) -> bool:
+        return torch.allclose(F.conv2d(x, weight, bias, padding=1), want, **tol)
+
+    if gives(got_w, got_b):
+        print("✓ fold: one convolution now does the convolution and then the map")
         return
-    wrong = F.conv2d(x, torch.einsum("ojkl,cj->ockl", w, m), padding=1)
-    if torch.allclose(got, wrong, rtol=1e-9, atol=1e-9):
-        raise AssertionError("transposed: the convolution sums W[o, j] * (m x)[j] = sum_j W[o, j] m[j, c] x[c], "
-                             "so the new weight is W[:, :, k, l] @ m, not W @ m.T")
-    raise AssertionError("the folded convolution does not give conv2d(m x, W): per kernel tap the new weight is "
-                         "W[:, :, k, l] @ m (the map acts on the *input* channels, the second index of W)")
+    right_w = torch.einsum("ij,jcab->icab", m, w)
+    if torch.allclose(F.conv2d(x, got_w, None, padding=1), F.conv2d(x, right_w, None, padding=1), **tol):
+        raise AssertionError("the weight is right, the bias is not: the map acts on the whole output, bias included, "
+                             "so the new bias is m @ bias")
+    if torch.allclose(got_w, torch.einsum("ji,jcab->icab", m, w), **tol):
+        raise AssertionError("transposed: output channel i of the map is sum_j m[i, j] * out[j], so the new weight "
+                             "mixes the *output* channels (the first index of W) with m, not m.T")
+    raise AssertionError("the folded convolution does not give m applied to conv2d(x, W, b): per kernel tap the new "
+                         "weight is m @ W[:, :, a, b] (the map acts on the output channels, the first index of W)")
 
 
 def check_imitation_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """Exercise 2: ``fn(thin_out, wide_out)`` -> the chapter's imitation loss: the squared
-    difference averaged over the batch *and* the features (``[N, C, H, W]`` inputs)."""
+    r"""Exercise 2: ``fn(thin_out, wide_out)`` -> the *paper's* imitation loss
+    $\mathbb E_x \|B_{(:i)}(x) - \bar S_{(:i)}(x)\|^2$: the squared difference summed over the
+    features of each example and averaged over the batch (``[N, C, H, W]`` inputs)."""
     g = torch.Generator().manual_seed(1)
     s, b = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
     if not attempted(fn, s, b):
         return
     got = float(fn(s, b))
-    d = s - b
-    want = float((d.double() ** 2).mean())
+    d = s.double() - b.double()
+    want = float((d ** 2).flatten(1).sum(1).mean())
     n, features = s.shape[0], s[0].numel()
-    if abs(got - want) <= 1e-5 * want:
-        print("✓ imitation loss: correct")
+
+    def near(value: float) -> bool:
+        return abs(got - value) <= 1e-5 * abs(value)
+
+    if near(want):
+        print("✓ imitation loss: the paper's form (the package's imitation_loss is it divided by "
+              f"the {features} features)")
         return
-    if abs(got - want * features) <= 1e-5 * want * features:
-        raise AssertionError(f"that is the paper's E||B - S||^2 (summed over the {features} features of an example): "
-                             "the chapter divides it by the number of features, so blocks of different sizes "
-                             "train at comparable learning rates -- take the mean over features too")
-    if abs(got - want * features * n) <= 1e-5 * want * features * n:
-        raise AssertionError("summed over the batch as well: average over the N examples and over the features")
-    if abs(got - float(d.double().abs().mean())) <= 1e-5:
-        raise AssertionError("that is the mean absolute difference: square the differences")
-    if abs(got - float(d.double().flatten(1).norm(dim=1).mean())) <= 1e-5:
+    if near(want / features):
+        raise AssertionError(f"that is the chapter's normalised loss (the mean over the {features} features too, "
+                             "like F.mse_loss): the paper sums over the features of an example and averages only "
+                             "over the examples")
+    if near(want * n):
+        raise AssertionError("summed over the batch as well: the paper's E_x averages over the N examples")
+    if near(float(d.abs().flatten(1).sum(1).mean())):
+        raise AssertionError("that is the absolute difference: square the differences")
+    if near(float(d.flatten(1).norm(dim=1).mean())):
         raise AssertionError("that is the mean norm ||B - S||: the loss uses the squared norm")
-    raise AssertionError(f"expected {want:.6f} (mean of (thin_out - wide_out)**2), got {got:.6f}")
+    raise AssertionError(f"expected {want:.6f} (per example, the sum of (thin_out - wide_out)**2; then the batch "
+                         f"mean), got {got:.6f}")
 
 
 #: the boundaries of exercise 3: after which layer a pair of linear maps would be inserted

@@ -300,8 +300,8 @@ def imitation_errors(augmented: WideNarrowNet, wide_model: nn.Module, x: torch.T
 
 def fold_into(layer: nn.Module, m: torch.Tensor) -> None:
     r"""Absorb a linear map ``m`` (``[C_in, C_in]``, applied to the layer's input channels) into
-    ``layer`` in place: $W \leftarrow W M$ for a fully connected layer, and per kernel tap
-    $W_{:,:,k,l} \leftarrow W_{:,:,k,l} M$ for a convolution (exact with zero padding, since
+    ``layer`` in place: $W \leftarrow W M$ for a fully connected layer, and per kernel tap $(a, b)$
+    $W_{:,:,a,b} \leftarrow W_{:,:,a,b} M$ for a convolution (exact with zero padding, since
     $M\,0 = 0$; the layer's bias is unchanged)."""
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"can fold only into nn.Linear or nn.Conv2d, got {type(layer).__name__}")
@@ -314,7 +314,7 @@ def fold_into(layer: nn.Module, m: torch.Tensor) -> None:
         if isinstance(layer, nn.Linear):
             w.copy_(w @ m)
         else:
-            w.copy_(torch.einsum("ojkl,jc->ockl", w, m))
+            w.copy_(torch.einsum("ojab,jc->ocab", w, m))
 
 
 def merge_linear_pairs(model: WideNarrowNet) -> nn.Module:

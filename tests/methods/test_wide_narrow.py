@@ -278,28 +278,35 @@ def test_figures_draw():
         wn.plot_imitation_errors({"x": [[1.0, 2.0]]}, ["a", "b", "c", "d"])
 
 
-def test_check_fold_accepts_right_answers_and_catches_the_transpose(capsys):
-    wn.check_fold(lambda w, m: torch.einsum("ojkl,jc->ockl", w, m))
-    wn.check_fold(lambda w, m: (w.permute(2, 3, 0, 1) @ m).permute(2, 3, 0, 1))
-    assert capsys.readouterr().out.count("✓") == 2
+def test_check_fold_accepts_right_answers_and_catches_the_classic_mistakes(capsys):
+    wn.check_fold(lambda w, b, m: (torch.einsum("ij,jcab->icab", m, w), m @ b))
+    wn.check_fold(lambda w, b, m: ((m @ w.flatten(1)).view_as(w), (m @ b[:, None])[:, 0]))   # another form
+    wn.check_fold(lambda w, b, m: (torch.einsum("ij,jcab->icab", m, w).float(), (m @ b).float()))  # float32
+    assert capsys.readouterr().out.count("✓") == 3
     with pytest.raises(AssertionError, match="transposed"):
-        wn.check_fold(lambda w, m: torch.einsum("ojkl,cj->ockl", w, m))
+        wn.check_fold(lambda w, b, m: (torch.einsum("ji,jcab->icab", m, w), m.T @ b))
+    with pytest.raises(AssertionError, match="the bias is not"):
+        wn.check_fold(lambda w, b, m: (torch.einsum("ij,jcab->icab", m, w), b))
     with pytest.raises(AssertionError, match="does not give"):
-        wn.check_fold(lambda w, m: w)
+        wn.check_fold(lambda w, b, m: (w, b))
+    with pytest.raises(AssertionError, match="pair"):
+        wn.check_fold(lambda w, b, m: w)
 
-    def todo(w, m):
+    def todo(w, b, m):
         raise NotImplementedError
     wn.check_fold(todo)
     assert "not attempted" in capsys.readouterr().out
 
 
-def test_check_imitation_loss(capsys):
-    wn.check_imitation_loss(F.mse_loss)
-    wn.check_imitation_loss(lambda s, b: ((s - b) ** 2).flatten(1).sum(1).mean() / s[0].numel())
-    assert capsys.readouterr().out.count("✓") == 2
-    for wrong, match in [(lambda s, b: ((s - b) ** 2).flatten(1).sum(1).mean(), "paper's E"),
-                         (lambda s, b: ((s - b) ** 2).sum(), "summed over the batch"),
-                         (lambda s, b: (s - b).abs().mean(), "absolute"),
+def test_check_imitation_loss_wants_the_papers_form(capsys):
+    wn.check_imitation_loss(lambda s, b: ((s - b) ** 2).flatten(1).sum(1).mean())
+    wn.check_imitation_loss(lambda s, b: F.mse_loss(s, b, reduction="sum") / s.shape[0])
+    wn.check_imitation_loss(lambda s, b: wn.imitation_loss(s, b) * s[0].numel())
+    assert capsys.readouterr().out.count("✓") == 3
+    for wrong, match in [(F.mse_loss, "chapter's normalised"),
+                         (lambda s, b: ((s - b) ** 2).sum() * s.shape[0], "expected"),
+                         (lambda s, b: ((s - b) ** 2).flatten(1).sum(1).sum(), "summed over the batch"),
+                         (lambda s, b: (s - b).abs().flatten(1).sum(1).mean(), "absolute"),
                          (lambda s, b: (s - b).flatten(1).norm(dim=1).mean(), "squared norm")]:
         with pytest.raises(AssertionError, match=match):
             wn.check_imitation_loss(wrong)
