@@ -199,6 +199,15 @@ CHAPTERS: dict[str, dict] = {
               "prefixes are shorter), 2 seeds", kd("resnet20", "resnet20x4"), 4, runs=2),
         Stage("merged resnet20 fine-tuned, 6 epochs, 2 seeds", train_alone("resnet20"), 6, runs=2),
     ]),
+    "10_manidp.ipynb": dict(group=None, stages=[
+        Stage("dense resnet20, 30 epochs", train_alone("resnet20"), 30),
+        Stage("static pruning (fixed masks) fine-tune, 8 epochs, 2 seeds", train_alone("resnet20"), 8, runs=2,
+              passes=1.5),
+        Stage("dynamic pruning (18 saliency gates) fine-tune, 8 epochs, 2 seeds", train_alone("resnet20"), 8,
+              runs=2, passes=2),
+        Stage("ManiDP (gates + 18 Gram matrices) fine-tune, 8 epochs, 2 seeds", train_alone("resnet20"), 8,
+              runs=2, passes=2.5),
+    ]),
 }
 
 
