@@ -208,6 +208,17 @@ CHAPTERS: dict[str, dict] = {
         Stage("ManiDP (gates + 18 Gram matrices) fine-tune, 8 epochs, 2 seeds", train_alone("resnet20"), 8,
               runs=2, passes=2.5),
     ]),
+    "11_rbn.ipynb": dict(group=None, stages=[
+        Stage("resnet20 with BN, 15 epochs, 3 seeds", train_alone("resnet20"), 15, runs=3),
+        Stage("resnet20 with RBN (2 passes: RBN's extra per-channel means, sigmoid gate and products in every "
+              "normalisation layer, counted as a second network's per-image overhead, an upper bound), 15 epochs, "
+              "3 seeds", train_alone("resnet20"), 15, runs=3, passes=2),
+        Stage("small batch: resnet20 with BN, batch 32, first 5,000 images, 2 epochs, 2 seeds (16 passes: a "
+              "launch-bound step of 32 images is counted at the per-step overhead of a 512-image step)",
+              train_alone("resnet20"), 2, runs=2, images=5000, passes=16),
+        Stage("small batch: resnet20 with RBN, same (32 passes: 2 x 16)", train_alone("resnet20"), 2, runs=2,
+              images=5000, passes=32),
+    ]),
 }
 
 
