@@ -12,7 +12,7 @@ import torch
 
 from ..runtime import attempted
 
-__all__ = ["check_instance_weight", "check_cosine_gram"]
+__all__ = ["check_instance_weight", "check_cosine_gram", "check_block_macs"]
 
 
 def check_instance_weight(fn: Callable[[torch.Tensor, float, float], torch.Tensor]) -> None:
@@ -58,3 +58,34 @@ def check_cosine_gram(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     if not torch.allclose(scaled, want, rtol=1e-6, atol=1e-8):
         raise AssertionError("cosines do not change when every vector is scaled")
     print("✓ cosine Gram matrix: correct")
+
+
+def check_block_macs(fn: Callable[..., torch.Tensor]) -> None:
+    """Exercise 2: ``fn(c_in, c_out, kept1, kept2, h, w)`` -> per image ``[N]``, the multiply-accumulates
+    of a gated block's two 3x3 convolutions (``h x w`` output), when its first gate keeps ``kept1[n]``
+    of the ``c_out`` channels and its second gate ``kept2[n]``: :math:`9hw(c_{in}k_1 + k_1k_2)`."""
+    kept1, kept2 = torch.tensor([16, 10, 4, 16]), torch.tensor([16, 8, 12, 2])
+    if not attempted(fn, 16, 16, kept1.clone(), kept2.clone(), 8, 8):
+        return
+    for c_in, c_out, h, w in ((16, 16, 8, 8), (8, 16, 4, 6)):
+        got = torch.as_tensor(fn(c_in, c_out, kept1.clone(), kept2.clone(), h, w), dtype=torch.float64)
+        k1, k2 = kept1.double(), kept2.double()
+        want = 9 * h * w * (c_in * k1 + k1 * k2)
+        if got.shape != want.shape:
+            raise AssertionError(f"one cost per image: expected shape {tuple(want.shape)}, got {tuple(got.shape)}")
+        if torch.allclose(got, 2 * want):
+            raise AssertionError("that counts FLOPs (2 per multiply-accumulate): count MACs")
+        if torch.allclose(got, want / 9):
+            raise AssertionError("a 3x3 kernel does 9 multiply-accumulates per input channel and output position")
+        if torch.allclose(got, 9 * h * w * (c_in * k1 + c_out * k2)):
+            raise AssertionError("the second conv reads only the channels the first gate kept: its cost is "
+                                 "k1 * k2, not c_out * k2")
+        if torch.allclose(got, 9 * h * w * (k1 * k1 + k1 * k2)) or (
+                c_in != c_out and torch.allclose(got, 9 * h * w * (c_out * k1 + k1 * k2))):
+            raise AssertionError("the first conv reads every one of the block's c_in input channels (the residual "
+                                 "stream is not gated)")
+        if torch.allclose(got, torch.full_like(want, 9 * h * w * (c_in * c_out + c_out * c_out))):
+            raise AssertionError("that is the dense cost: count only the channels each image keeps")
+        if not torch.allclose(got, want, rtol=1e-6):
+            raise AssertionError(f"for c_in = {c_in}, c_out = {c_out}, {h} x {w}: expected {want.tolist()}, got {got.tolist()}")
+    print("✓ block MACs: correct")

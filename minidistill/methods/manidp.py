@@ -12,10 +12,11 @@ and the conv output is multiplied channel-wise by :math:`\\pi^l \\odot \\mathbb 
 Training minimises
 
 .. math:: \\frac1N\\sum_i\\Big[\\mathcal L_{CE}(x_i) + \\lambda(x_i)\\sum_l \\tfrac{1}{c_l}\\|\\pi^l(x_i)\\|_1\\Big]
-          + \\gamma_\\mathrm{sim}\\sum_l \\tfrac{1}{N^2}\\|T^l - R^l\\|_F^2,
+          + \\gamma_\\mathrm{sim}\\sum_l \\tfrac{1}{N^2}\\|M^l - R^l\\|_F^2,
 
-with :math:`\\lambda(x_i)` large for easy images and zero for hard ones, and :math:`T^l`, :math:`R^l`
-the cosine Gram matrices of saliencies and features.
+with :math:`\\lambda(x_i)` large for easy images and zero for hard ones, and :math:`M^l`, :math:`R^l`
+the cosine Gram matrices of saliencies and features (the paper's :math:`T^l` is :math:`M^l` here:
+the course keeps :math:`T` for the temperature).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Dataset, DeviceLoader
-from ..exercises.manidp import check_cosine_gram, check_instance_weight
+from ..exercises.manidp import check_block_macs, check_cosine_gram, check_instance_weight
 from ..losses import CrossEntropy, Objective, upcast
 from ..models import CifarResNet
 from ..train import Recipe, Run, train_model
@@ -35,7 +36,8 @@ from ..train import Recipe, Run, train_model
 __all__ = [
     "SaliencyModule", "ChannelGate", "GatedBlock", "GatedResNet", "instance_weight", "cosine_gram",
     "similarity_loss", "sparsity", "keep_ratio", "layer_thresholds", "instance_macs", "magnitude_masks",
-    "ManiDPObjective", "METHODS", "train_pruned", "evaluate_pruned", "check_instance_weight", "check_cosine_gram",
+    "ManiDPObjective", "METHODS", "train_pruned", "evaluate_pruned", "saliency_means", "evaluate_at_ratio",
+    "check_instance_weight", "check_cosine_gram", "check_block_macs",
 ]
 
 SALIENCY_CAP = 1000.0  # the official code clips saliencies at 1000
@@ -176,7 +178,7 @@ def instance_weight(ce: torch.Tensor, c_prime: torch.Tensor | float, lam: float,
     :math:`\\lambda(x_i) = \\lambda'\\,\\mathbb 1[\\mathcal L_{CE}(x_i) < C']\\,((C' - \\mathcal L_{CE}(x_i))/C')^{p}`.
 
     ``ce [N]`` per-instance cross-entropies, ``c_prime > 0`` the complexity threshold. With
-    ``detach=True`` (the paper's reading) the weight is a constant for the optimiser; with
+    ``detach=True`` (read as a per-image weight; our default) the weight is a constant for the optimiser; with
     ``detach=False`` (the official code) gradients also flow through it into the CE.
     """
     if not isinstance(ce, torch.Tensor) or ce.dim() != 1:
@@ -202,8 +204,8 @@ def cosine_gram(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def similarity_loss(features: Sequence[torch.Tensor], saliencies: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:math:`\\sum_l \\frac{1}{N^2}\\|T^l - R^l\\|_F^2`, with :math:`R^l` the cosine Gram matrix of
-    layer ``l``'s pooled features ``[N, c_l]`` and :math:`T^l` that of its saliencies."""
+    """:math:`\\sum_l \\frac{1}{N^2}\\|M^l - R^l\\|_F^2`, with :math:`R^l` the cosine Gram matrix of
+    layer ``l``'s pooled features ``[N, c_l]`` and :math:`M^l` (the paper's :math:`T^l`) that of its saliencies."""
     if len(features) != len(saliencies) or not features:
         raise ValueError(f"need one saliency per feature layer, got {len(features)} and {len(saliencies)}")
     total = features[0].new_zeros(())
@@ -410,3 +412,53 @@ def evaluate_pruned(model: GatedResNet, data: Dataset, split: str = "test", batc
         g.threshold.copy_(th)
     return res
 
+
+
+@torch.no_grad()
+def saliency_means(model: GatedResNet, data: Dataset, split: str = "train", batch_size: int = 1000,
+                   max_images: int | None = None) -> list[torch.Tensor]:
+    """Per gate, the data-average saliency :math:`\\bar\\pi^l` ``[c_l]`` over ``split`` (the first
+    ``max_images`` images), in eval mode: what :func:`layer_thresholds` turns into thresholds."""
+    if not isinstance(model, GatedResNet):
+        raise TypeError(f"model must be a GatedResNet, got {type(model).__name__}")
+    if any(not g.dynamic for g in model.gates()):
+        raise ValueError("saliency_means needs dynamic gates (the model has static masks)")
+    if max_images is not None:
+        _positive_int("max_images", max_images)
+    device = next(model.parameters()).device
+    loader = DeviceLoader.from_dataset(data, split, batch_size, train=False, device=device)
+    was_training = model.training
+    model.eval()
+    sums, seen = None, 0
+    for x, _ in loader:
+        if max_images is not None:
+            x = x[: max_images - seen]
+        if len(x) == 0:
+            break
+        model(x)
+        batch = [g.saliency.double().sum(0) for g in model.gates()]
+        sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
+        seen += len(x)
+    model.train(was_training)
+    return [(s / seen).float().cpu() for s in sums]
+
+
+@torch.no_grad()
+def evaluate_at_ratio(model: GatedResNet, data: Dataset, means: Sequence[torch.Tensor], ratio: float,
+                      split: str = "test") -> dict:
+    """:func:`evaluate_pruned` with every threshold reset, for this call only, to keep the
+    :math:`\\lceil \\rho c_l\\rceil` channels of largest data-average saliency ``means`` (from
+    :func:`saliency_means`): the trained family of sub-networks at another budget, no retraining."""
+    if not isinstance(model, GatedResNet):
+        raise TypeError(f"model must be a GatedResNet, got {type(model).__name__}")
+    gates = model.gates()
+    if len(means) != len(gates):
+        raise ValueError(f"need one mean saliency per gate: {len(gates)} gates, got {len(means)}")
+    saved = [g.threshold.clone() for g in gates]
+    try:
+        for g, theta in zip(gates, layer_thresholds(list(means), ratio)):
+            g.threshold.copy_(theta)
+        return evaluate_pruned(model, data, split)
+    finally:
+        for g, th in zip(gates, saved):
+            g.threshold.copy_(th)

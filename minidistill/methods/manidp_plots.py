@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["plot_weight_and_schedule", "plot_flops_vs_ce", "plot_examples"]
+__all__ = ["plot_weight_and_schedule", "plot_flops_vs_ce", "plot_examples", "plot_budget"]
 
 
 def plot_weight_and_schedule(lam: float = 5e-3, complexity: float = 0.5, mean_ce: float = 1.0,
@@ -35,9 +35,9 @@ def plot_weight_and_schedule(lam: float = 5e-3, complexity: float = 0.5, mean_ce
     return fig
 
 
-def plot_flops_vs_ce(results: Mapping[str, Mapping[str, torch.Tensor]], bins: int = 8):
+def plot_flops_vs_ce(results: Mapping[str, Mapping[str, torch.Tensor]], bins: int = 8, ax=None):
     """Mean per-image MACs (as % of the dense network) in CE quantile bins, one line per method."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8)) if ax is None else (ax.figure, ax)
     for name, r in results.items():
         ce, macs = r["ce"].double(), r["macs"].double() / r["dense_macs"] * 100
         order = ce.argsort()
@@ -47,6 +47,29 @@ def plot_flops_vs_ce(results: Mapping[str, Mapping[str, torch.Tensor]], bins: in
     ax.set(xlabel="test image's cross-entropy (median of its bin, log scale)",
            ylabel="MACs of its sub-network (% of dense)", title="per-image cost against difficulty")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget(results: Mapping[str, Mapping[str, torch.Tensor]], references: Mapping[str, tuple[float, float]],
+                ratio: float, bins: int = 8):
+    """Left: :func:`plot_flops_vs_ce` for ``results`` (networks re-thresholded at keep ratio ``ratio``).
+    Right: test accuracy against MACs reduction for those networks (filled) and for the fixed
+    ``references`` ``{name: (MACs reduction %, accuracy %)}`` (open markers)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    plot_flops_vs_ce(results, bins=bins, ax=a)
+    a.set_title(rf"per-image cost against difficulty at $\rho = {ratio:.2f}$")
+    colours = {}
+    for i, (name, r) in enumerate(results.items()):
+        red = 100 * (1 - r["macs"].double().mean().item() / r["dense_macs"])
+        colours[name] = f"C{i}"
+        b.plot(red, 100 * r["correct"].double().mean().item(), "o", ms=8, color=colours[name], label=f"{name}, at this rho")
+    spare = iter(f"C{i}" for i in range(len(results), 10))
+    for name, (red, acc) in references.items():   # a reference named after a result shares its colour
+        colour = next((c for n, c in colours.items() if name.startswith(n)), None) or next(spare)
+        b.plot(red, acc, "s", mfc="none", ms=8, color=colour, label=name)
+    b.set(xlabel="MACs reduction (% of dense)", ylabel="test accuracy %", title="accuracy against cost")
+    b.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

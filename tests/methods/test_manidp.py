@@ -205,3 +205,77 @@ def test_train_pruned_and_evaluate(tiny, method):
         assert 0 < run.history.final("train_keep") < 1 and run.model.layer1[0].gate1.threshold > 0
     # evaluate_pruned leaves the gates as it found them
     assert all(g.dynamic == (method != "static") for g in run.model.gates())
+
+
+def test_saliency_means_and_evaluate_at_ratio(tiny):
+    gated = manidp.GatedResNet.from_resnet(_resnet(8, (4, 4, 8, 8), k=tiny.num_classes))
+    for gate in gated.gates():   # pi_c = c + 1 for every image: known means, no ties
+        gate.saliency_module.fc2.weight.data.zero_()
+        gate.saliency_module.fc2.bias.data.copy_(torch.arange(1.0, gate.static_mask.numel() + 1))
+    gated.train()
+    means = manidp.saliency_means(gated, tiny, max_images=7)
+    assert gated.training and [m.shape[0] for m in means] == [4, 4, 8, 8, 8, 8]
+    assert all(torch.allclose(m, torch.arange(1.0, m.numel() + 1)) for m in means)
+    widths = [4, 4, 8, 8, 8, 8]
+    ev = manidp.evaluate_at_ratio(gated, tiny, means, 0.5)
+    kept = sum(math.ceil(0.5 * c) for c in widths) / sum(widths)
+    assert torch.allclose(ev["keep"], torch.full_like(ev["keep"], kept))
+    assert (ev["macs"] < ev["dense_macs"]).all()
+    full = manidp.evaluate_at_ratio(gated, tiny, means, 1.0)
+    assert torch.allclose(full["macs"], torch.full_like(full["macs"], full["dense_macs"]))
+    assert all(g.threshold.item() == 0.0 for g in gated.gates())   # thresholds restored
+    with pytest.raises(ValueError, match="one mean saliency per gate"):
+        manidp.evaluate_at_ratio(gated, tiny, means[:2], 0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        manidp.evaluate_at_ratio(gated, tiny, means, 0.0)
+    with pytest.raises(ValueError, match="static"):
+        manidp.saliency_means(manidp.magnitude_masks(gated, 0.5), tiny)
+
+
+def test_block_macs_check_accepts_right_and_catches_mistakes(capsys):
+    manidp.check_block_macs(lambda c_in, c_out, k1, k2, h, w: 9 * h * w * (c_in * k1 + k1 * k2))
+    manidp.check_block_macs(lambda c_in, c_out, k1, k2, h, w: [9.0 * h * w * (c_in * a + a * b) for a, b in zip(k1.tolist(), k2.tolist())])
+    manidp.check_block_macs(lambda c_in, c_out, k1, k2, h, w: (9 * c_in * k1 * h * w + 9 * k1 * k2 * h * w).float())
+    assert capsys.readouterr().out.count("✓") == 3
+    for wrong, hint in ((lambda c_in, c_out, k1, k2, h, w: 18 * h * w * (c_in * k1 + k1 * k2), "FLOPs"),
+                        (lambda c_in, c_out, k1, k2, h, w: h * w * (c_in * k1 + k1 * k2), "3x3"),
+                        (lambda c_in, c_out, k1, k2, h, w: 9 * h * w * (c_in * k1 + c_out * k2), "k1 \\* k2"),
+                        (lambda c_in, c_out, k1, k2, h, w: 9 * h * w * (c_out * k1 + k1 * k2), "c_in input"),
+                        (lambda c_in, c_out, k1, k2, h, w: 9 * h * w * (k1 * k1 + k1 * k2), "c_in input"),
+                        (lambda c_in, c_out, k1, k2, h, w: torch.full(k1.shape, 9.0 * h * w * (c_in * c_out + c_out ** 2)), "dense"),
+                        (lambda c_in, c_out, k1, k2, h, w: (9 * h * w * (c_in * k1 + k1 * k2))[:1], "one cost per image")):
+        with pytest.raises(AssertionError, match=hint):
+            manidp.check_block_macs(wrong)
+
+
+def test_block_macs_formula_matches_the_counter():
+    # the exercise's formula is what instance_macs adds for one gated block
+    base = _resnet(8, (4, 4, 8, 8))
+    gated = manidp.GatedResNet.from_resnet(base).eval()
+    block = gated.layer2[0]
+    block.gate1.static_mask[:3] = 0
+    block.gate2.static_mask[:5] = 0
+    x = torch.zeros(1, 3, 16, 16)
+    gated.set_dynamic(False)
+    with torch.no_grad():
+        gated(x)
+    pruned = manidp.instance_macs(gated).item()
+    block.gate1.static_mask[:] = 1
+    block.gate2.static_mask[:] = 1
+    with torch.no_grad():
+        gated(x)
+    dense = manidp.instance_macs(gated).item()
+    h, w = block.gate1.size
+    block_cost = lambda k1, k2: 9 * h * w * (4 * k1 + k1 * k2)   # c_in = 4, c_out = 8
+    assert dense - pruned == pytest.approx(block_cost(8, 8) - block_cost(5, 3))
+
+
+def test_plot_budget_draws(tiny):
+    import matplotlib
+    matplotlib.use("Agg")
+    from minidistill.methods import manidp_plots
+    gated = manidp.GatedResNet.from_resnet(_resnet(8, (4, 4, 8, 8), k=tiny.num_classes))
+    means = manidp.saliency_means(gated, tiny, max_images=64)
+    ev = manidp.evaluate_at_ratio(gated, tiny, means, 0.5)
+    fig = manidp_plots.plot_budget({"dyn": ev}, {"dense": (0.0, 50.0)}, 0.5)
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2
