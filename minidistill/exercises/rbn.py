@@ -85,13 +85,14 @@ def check_gate_variance(fn: Callable[[float], float]) -> None:
 
 
 def check_eval_form(fn: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """Exercise 3: ``fn(layer)`` -> ``(a, b, c)``, three tensors of shape ``[C]`` such that, for an
-    RBN layer in eval mode with ``w_v = 0``, ``layer(x) = a x + b mu + c`` per channel, ``mu`` being
-    each example's channel mean of ``x``."""
+    """Exercise 3: ``fn(layer)`` -> ``(a, b, d)``, three tensors of shape ``[C]`` such that, for an
+    RBN layer in eval mode with ``w_v = 0``, ``layer(x) = a x + b mu + d`` per channel, ``mu`` being
+    each example's channel mean of ``x``. The layer's ``eps`` is large (0.01) so that an answer
+    without it is told apart from a right one."""
     from ..methods.rbn import RepresentativeBatchNorm2d
 
     g = torch.Generator().manual_seed(0)
-    layer = RepresentativeBatchNorm2d(3).double().eval()
+    layer = RepresentativeBatchNorm2d(3, eps=1e-2).double().eval()
     with torch.no_grad():
         layer.center_weight.copy_(torch.tensor([0.5, -0.3, 1.2]))
         layer.scale_bias.copy_(torch.tensor([1.0, -0.5, 2.0]))
@@ -103,29 +104,35 @@ def check_eval_form(fn: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor, 
         return
     out = fn(layer)
     if not (isinstance(out, (tuple, list)) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
-        raise AssertionError("return three tensors (a, b, c), each of shape [C]")
-    a, b, c = (t.detach().to(torch.float64).reshape(-1) for t in out)
-    if not all(t.numel() == 3 for t in (a, b, c)):
-        raise AssertionError("a, b and c must each hold one number per channel ([C])")
+        raise AssertionError("return three tensors (a, b, d), each of shape [C]")
+    a, b, d = (t.detach().to(torch.float64).reshape(-1) for t in out)
+    if not all(t.numel() == 3 for t in (a, b, d)):
+        raise AssertionError("a, b and d must each hold one number per channel ([C])")
     x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) + torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64)
     mu = x.mean((2, 3), keepdim=True)
     v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
     with torch.no_grad():
         want = layer(x)
-    if torch.allclose(v(a) * x + v(b) * mu + v(c), want, rtol=1e-5, atol=1e-6):
-        print("✓ eval form: a x + b mu + c; the mu term is what no convolution before the layer can absorb")
+    if torch.allclose(v(a) * x + v(b) * mu + v(d), want, rtol=1e-5, atol=1e-6):
+        print("✓ eval form: a x + b mu + d; the mu term is what no convolution before the layer can absorb")
         return
     with torch.no_grad():
         s = layer.weight / torch.sqrt(layer.running_var + layer.eps)
         r = torch.sigmoid(layer.scale_bias)
         rm, wm, beta = layer.running_mean, layer.center_weight, layer.bias
+        s_no_eps = layer.weight / torch.sqrt(layer.running_var)
+    if torch.allclose(a, s_no_eps * r) or torch.allclose(a, s_no_eps):
+        raise AssertionError("eps is missing: the layer divides by sqrt(running_var + eps); use layer.eps")
     if torch.allclose(a, s):
         raise AssertionError("the gate is missing: with w_v = 0 it is the constant sigmoid(w_b), a factor on a and b "
-                             "(and on the running-mean term of c)")
+                             "(and on the running-mean term of d)")
     if torch.allclose(b, wm):
         raise AssertionError("b is w_m only before the standardisation: the layer then divides by sqrt(running_var + "
                              "eps) and multiplies by the gate and gamma, so b = a * w_m")
-    if torch.allclose(a, s * r) and torch.allclose(b, s * r * wm) and torch.allclose(c, beta - s * rm):
-        raise AssertionError("c: the running mean is subtracted *before* the gate, so it is scaled by the gate too")
+    if torch.allclose(a, s * r) and torch.allclose(b, s * wm):
+        raise AssertionError("b: the w_m mu term is standardised and then gated like x, so b = a * w_m (the gate "
+                             "is in b too)")
+    if torch.allclose(a, s * r) and torch.allclose(b, s * r * wm) and torch.allclose(d, beta - s * rm):
+        raise AssertionError("d: the running mean is subtracted *before* the gate, so it is scaled by the gate too")
     raise AssertionError("follow the four steps with w_v = 0: X_cm = x + w_m mu; X-hat = (X_cm - running_mean) / "
                          "sqrt(running_var + eps); times sigmoid(w_b); times gamma plus beta")

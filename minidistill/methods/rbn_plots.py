@@ -23,15 +23,28 @@ def example_feature_map(n: int = 8, c: int = 1, size: int = 8, seed: int = 0) ->
 
 @torch.no_grad()
 def plot_calibration(x: torch.Tensor, w_m: float = 0.0, w_v: float = 0.0, w_b: float = 1.0,
-                     title: str | None = None) -> plt.Figure:
-    """BN and RBN (one channel, training mode, the same ``gamma = 1, beta = 0``) on the feature map
-    ``x`` with the calibration weights set to ``w_m``, ``w_v``, ``w_b``: the per-example mean of the
-    output (left) and the histogram of output values (right)."""
+                     title: str | None = None, eval_mode: bool = False) -> plt.Figure:
+    """BN and RBN (one channel, the same ``gamma = 1, beta = 0``) on the feature map ``x`` with the
+    calibration weights set to ``w_m``, ``w_v``, ``w_b``: the per-example mean of the output (left)
+    and the histogram of output values (right).
+
+    In training mode (the default) both standardise with the statistics of the whole batch ``x``.
+    With ``eval_mode=True`` both use running statistics gathered from the typical examples
+    ``x[2:]`` only (one training pass with a cumulative average), as at test time when an example
+    (here the strong 0 and the weak 1) does not look like the training data."""
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"x must be one channel [N, 1, H, W], got shape {tuple(x.shape)}")
-    layer = RepresentativeBatchNorm2d(1)
+    if eval_mode and x.shape[0] < 4:
+        raise ValueError(f"eval_mode needs at least 4 examples (running statistics from x[2:]), got {x.shape[0]}")
+    layer = RepresentativeBatchNorm2d(1, momentum=None)
     layer.center_weight.fill_(w_m), layer.scale_weight.fill_(w_v), layer.scale_bias.fill_(w_b)
-    bn = torch.nn.functional.batch_norm(x, None, None, training=True)
+    if eval_mode:
+        layer(x[2:])   # first pass with momentum=None: the running statistics are those of X_cm on x[2:]
+        layer.eval()
+        typical = x[2:].transpose(0, 1).reshape(1, -1)
+        bn = torch.nn.functional.batch_norm(x, typical.mean(1), typical.var(1), training=False)
+    else:
+        bn = torch.nn.functional.batch_norm(x, None, None, training=True)
     out = layer(x)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     idx = torch.arange(x.shape[0]).float().numpy()
@@ -45,7 +58,8 @@ def plot_calibration(x: torch.Tensor, w_m: float = 0.0, w_v: float = 0.0, w_b: f
     b.hist(out.flatten().numpy(), bins=bins.numpy(), alpha=0.5, label=f"RBN (variance {float(out.var()):.2f})")
     b.set(xlabel="output value", ylabel="count", title="all output values")
     b.legend()
-    fig.suptitle(title or f"w_m = {w_m:g}, w_v = {w_v:g}, w_b = {w_b:g}")
+    mode = "eval mode, running statistics of examples 2.." if eval_mode else "training mode, batch statistics"
+    fig.suptitle(title or f"w_m = {w_m:g}, w_v = {w_v:g}, w_b = {w_b:g} ({mode})")
     fig.tight_layout()
     return fig
 

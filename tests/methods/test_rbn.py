@@ -241,7 +241,20 @@ def _c_without_gate(layer):
     return a, b, layer.bias.detach() - s * layer.running_mean
 
 
-@pytest.mark.parametrize("fn, hint", [(_no_gate, "gate is missing"), (_b_is_w_m, "b = a"), (_c_without_gate, r"\*before\* the gate")])
+def _no_eps(layer):
+    with torch.no_grad():
+        a = layer.weight * torch.sigmoid(layer.scale_bias) / torch.sqrt(layer.running_var)
+        return a, a * layer.center_weight, layer.bias - a * layer.running_mean
+
+
+def _b_without_gate(layer):
+    a, _, c = _eval_form(layer)
+    s = layer.weight.detach() / torch.sqrt(layer.running_var + layer.eps)
+    return a, s * layer.center_weight.detach(), c
+
+
+@pytest.mark.parametrize("fn, hint", [(_no_gate, "gate is missing"), (_b_is_w_m, "b = a"), (_c_without_gate, r"\*before\* the gate"),
+                                      (_no_eps, "eps is missing"), (_b_without_gate, "gate is in b")])
 def test_check_eval_form_catches_classic_mistakes(fn, hint):
     with pytest.raises(AssertionError, match=hint):
         rbn.check_eval_form(fn)
@@ -267,9 +280,33 @@ def test_plots_draw_and_reject_bad_input():
     assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="one channel"):
         rbn_plots.plot_calibration(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="at least 4"):
+        rbn_plots.plot_calibration(torch.randn(3, 1, 4, 4), eval_mode=True)
+    fig = rbn_plots.plot_calibration(x, 0.0, 0.0, 1.0, eval_mode=True)
+    assert "eval mode" in fig._suptitle.get_text()
     h = History([{"epoch": 1, "train_loss": 2.0, "test_acc": 10.0}, {"epoch": 2, "train_loss": 1.5, "test_acc": 20.0}])
     fig = rbn_plots.plot_curves({"BN": [h, h], "RBN": [h]})
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
     fig = rbn_plots.plot_spread({"BN": {"a": 1.0, "b": 2.0}, "RBN": {"a": 0.5, "b": 1.0}})
     assert len(fig.axes[0].patches) == 4
+    plt.close("all")
+
+
+def test_plot_calibration_eval_mode_uses_the_typical_examples_statistics():
+    """In eval mode the BN bars are x standardised with the mean and variance of x[2:], and RBN with
+    w_m = w_v = 0 is that times sigmoid(w_b): read back from the bar heights."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from minidistill.methods import rbn_plots
+
+    x = rbn_plots.example_feature_map()
+    fig = rbn_plots.plot_calibration(x, 0.0, 0.0, 1.0, eval_mode=True)
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    n = x.shape[0]
+    rest = x[2:].double()
+    want_bn = (x.double().mean((1, 2, 3)) - rest.mean()) / torch.sqrt(rest.var() + 1e-5)
+    torch.testing.assert_close(torch.tensor(bars[:n], dtype=torch.float64), want_bn, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(bars[n:], dtype=torch.float64), want_bn * rbn.initial_gate(), rtol=1e-4, atol=1e-5)
+    assert want_bn[0] > 1 and want_bn[1] < -1   # the strong and the weak example stay far from 0
     plt.close("all")
