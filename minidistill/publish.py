@@ -50,6 +50,10 @@ __all__ = ["DEFAULT_GPU_CLASS", "gpu_class", "read_meta", "publishing_order", "p
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GPU_CLASS = "H200"  # predictions on a machine without a GPU are for the course's publishing GPU
 KEEP_RUNS = 5  # measured course runs kept per notebook
+#: the resolution of the figures stored in published notebooks (matplotlib's default is 100): at 80
+#: the PNGs take about two thirds of the space, which keeps the repository (and what a GPU run must
+#: carry) small; running a notebook yourself draws at your own setting
+FIGURE_DPI = 80
 
 # The child process that executes one notebook. It writes the executed notebook to `dst`, or a
 # one-line error to `tmp/error.txt`; it also writes the kernel's process group to
@@ -216,8 +220,9 @@ def _execute(path: Path, profile: str, cell_timeout: int, deadline_s: Optional[f
     import nbformat
 
     tmp = Path(tempfile.mkdtemp(prefix="minidistill-publish-"))
+    (tmp / "matplotlibrc").write_text(f"figure.dpi: {FIGURE_DPI}\n")
     env = {**os.environ, "MINIDISTILL_PROFILE": profile, "MINIDISTILL_PROGRESS": "0",
-           "PYTHONWARNINGS": "ignore", "JUPYTER_RUNTIME_DIR": str(tmp)}
+           "PYTHONWARNINGS": "ignore", "JUPYTER_RUNTIME_DIR": str(tmp), "MATPLOTLIBRC": str(tmp / "matplotlibrc")}
     try:
         child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(tmp / "out.ipynb"), str(tmp),
                                   str(cell_timeout)], env=env, start_new_session=True)

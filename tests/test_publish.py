@@ -152,7 +152,8 @@ def test_course_profile_refuses_to_publish_on_cpu(tmp_path):
 
 def test_publish_writes_outputs_and_metadata_keeping_other_keys(tmp_path):
     nb = _notebook(tmp_path / "a.ipynb", "import os\nfrom minidistill.runtime import device_name, get_profile\n"
-                   "get_profile()\nprint('profile', os.environ['MINIDISTILL_PROFILE'])\nprint(device_name('cpu'))",
+                   "get_profile()\nprint('profile', os.environ['MINIDISTILL_PROFILE'])\nprint(device_name('cpu'))\n"
+                   "import matplotlib\nprint(matplotlib.rcParams['figure.dpi'])",
                    estimate_s=5, estimate="a guess", teacher_s=0, teacher_group="g")
     report = tmp_path / "report.json"
     threads = torch.get_num_threads()
@@ -164,6 +165,7 @@ def test_publish_writes_outputs_and_metadata_keeping_other_keys(tmp_path):
     meta = out.metadata["minidistill"]
     assert meta["profile"] == "smoke" and meta["wall_s"] >= 0
     assert meta["device"] == printed[1]               # the stamp names the threads the kernel used
+    assert float(printed[2]) == publish.FIGURE_DPI     # stored figures are drawn at the publishing resolution
     assert meta["warm"] is False and len(meta["date"]) == 19 and meta["date"][10] == "T"
     assert meta["estimate"] == "a guess" and meta["teacher_group"] == "g" and "course_runs" not in meta
     rec = json.loads(report.read_text())
