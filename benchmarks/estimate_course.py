@@ -219,6 +219,18 @@ CHAPTERS: dict[str, dict] = {
         Stage("small batch: resnet20 with RBN, same (32 passes: 2 x 16)", train_alone("resnet20"), 2, runs=2,
               images=5000, passes=32),
     ]),
+    "12_robust_transfer.ipynb": dict(group=None, stages=[
+        Stage("standard source resnet8 (eps = 0) on 5 CIFAR-10 classes (25,000 images), 20 epochs",
+              train_alone("resnet8"), 20, images=25_000),
+        Stage("robust sources resnet8 at 3 l2 budgets, 2 PGD steps (3 passes: each PGD step costs a forward and a "
+              "backward pass, counted as a training step), 25,000 images, 20 epochs",
+              3 * train_alone("resnet8"), 20, runs=3, images=25_000, passes=3),
+        Stage("robust accuracy: 4 sources x 5,000 test images x 10 PGD steps (each counted as a training step)",
+              train_alone("resnet8"), 10, runs=4, images=5000),
+        Stage("transfer: fixed-feature and full-network from 4 sources x 2 seeds, 500 target images, batch 128, "
+              "40 epochs (4 passes: a launch-bound 128-image step counted at a 512-image step's overhead; the probe "
+              "counted as full training, an upper bound)", train_alone("resnet8"), 40, runs=16, images=500, passes=4),
+    ]),
 }
 
 

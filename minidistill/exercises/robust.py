@@ -1,0 +1,109 @@
+"""Chapter 12's exercise self-checks (adversarially robust transfer), re-exported by
+:mod:`minidistill.methods.robust`: the l1 steepest-ascent step, the l2 projection, and how an l2
+budget scales with the image shape.
+
+Each check prints a line starting with a tick when the answer is right, says "not attempted
+yet" while the exercise still raises ``NotImplementedError``, and raises an ``AssertionError``
+with a hint that names the classic mistake when the answer is wrong.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..runtime import attempted
+
+__all__ = ["check_l1_step", "check_l2_projection", "check_l2_budget"]
+
+
+def _ok(msg: str) -> None:
+    print(f"✓ {msg}")
+
+
+def check_l1_step(step_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    r"""``step_fn(g)`` must return, for each row of ``g`` (shape ``[N, D]``), the unit steepest-ascent
+    step under $\ell_1$: $\arg\max_{\|s\|_1 \le 1} \langle g, s\rangle$, which puts all its mass on a
+    coordinate of largest $|g_i|$, with that coordinate's sign (gain $\|g\|_\infty$, the dual norm)."""
+    g = torch.tensor([[0.3, -2.0, 0.0, 1.0], [-0.5, 0.5, 4.0, -1e-3], [-3.0, 1.0, 2.0, 0.1]], dtype=torch.float64)
+    if not attempted(step_fn, g.clone()):
+        return None
+    s = step_fn(g.clone())
+    if not isinstance(s, torch.Tensor) or s.shape != g.shape:
+        raise AssertionError(f"return a tensor of the gradient's shape {tuple(g.shape)}")
+    s = s.double()
+    if torch.allclose(s, g.sign()):
+        raise AssertionError("sign(g) is the l-infinity step; its l1 norm is D, not 1. Under l1 the whole "
+                             "budget goes to one coordinate")
+    if torch.allclose(s, g / g.abs().sum(1, keepdim=True)) or torch.allclose(s, g / g.norm(dim=1, keepdim=True)):
+        raise AssertionError("a normalised gradient spreads the budget; under l1 one coordinate (the largest "
+                             "|g_i|) gives more: <g, s> = max |g_i|")
+    if (s.abs().sum(1) > 1 + 1e-9).any():
+        raise AssertionError("a step of the l1 unit ball has sum |s_i| <= 1 in every row")
+    gain, best = (g * s).sum(1), g.abs().amax(1)
+    if torch.allclose(gain, -best):
+        raise AssertionError("this descends: keep the sign of g at the chosen coordinate")
+    if not torch.allclose(gain, best):
+        raise AssertionError("choose, in every row, the coordinate with the largest |g_i| (not the largest g_i, "
+                             "and not over the whole batch), with sign(g_i)")
+    _ok("the l1 steepest-ascent step is sign(g_i) at the largest |g_i|: the dual norm of l1 is l-infinity")
+
+
+def check_l2_projection(project_fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
+    r"""``project_fn(delta, eps)`` must map each row of ``delta`` (shape ``[N, D]``) to the
+    closest point of the $\ell_2$ ball of radius ``eps``: unchanged inside, rescaled to norm
+    ``eps`` outside."""
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    delta[0] *= 0.01                               # inside the ball
+    eps = 1.0
+    norms = delta.norm(dim=1, keepdim=True)
+    want = delta * torch.clamp(eps / norms, max=1.0)
+    if not attempted(project_fn, delta.clone(), eps):
+        return None
+    out = project_fn(delta.clone(), eps)
+    if not isinstance(out, torch.Tensor) or out.shape != delta.shape:
+        raise AssertionError(f"return a tensor of delta's shape {tuple(delta.shape)}")
+    out = out.double()
+    if torch.allclose(out, delta.clamp(-eps, eps)):
+        raise AssertionError("clamping each coordinate projects onto the l-infinity ball (a cube), not the l2 ball")
+    if torch.allclose(out, eps * delta / norms):
+        raise AssertionError("a perturbation already inside the ball must stay as it is: "
+                             "rescale only rows with norm > eps")
+    if torch.allclose(out, delta * torch.clamp(eps / delta.norm(), max=1.0)):
+        raise AssertionError("the norm is per example (per row), not over the whole batch")
+    if not torch.allclose(out, want, rtol=1e-6, atol=1e-9):
+        raise AssertionError("not the closest point of the ball: inside keep delta, "
+                             "outside use eps * delta / ||delta||")
+    _ok("projection onto the l2 ball: rescale rows whose norm exceeds eps, keep the others")
+
+
+def check_l2_budget(budget_fn: Callable[[float, tuple, tuple], float]) -> None:
+    r"""``budget_fn(eps, shape_from, shape_to)``: an $\ell_2$ budget ``eps`` chosen for images of
+    shape ``shape_from`` (``(C, H, W)``), rescaled so that it allows the same root-mean-square change
+    per value on images of shape ``shape_to``: $\epsilon\sqrt{D_\text{to}/D_\text{from}}$."""
+    cases = [(0.5, (3, 32, 32), (3, 224, 224)), (3.0, (3, 224, 224), (3, 32, 32)), (1.0, (1, 28, 28), (3, 32, 32)),
+             (0.25, (3, 16, 16), (3, 16, 16)), (2.0, (3, 64, 32), (1, 32, 32))]
+    if not attempted(budget_fn, *cases[0]):
+        return None
+    got = []
+    for eps, a, b in cases:
+        out = budget_fn(eps, a, b)
+        try:
+            got.append(float(out))
+        except (TypeError, ValueError):
+            raise AssertionError("return a number")
+    ratio = [math.prod(b) / math.prod(a) for _, a, b in cases]
+    if all(math.isclose(v, eps * math.sqrt(r), rel_tol=1e-6) for v, (eps, _, _), r in zip(got, cases, ratio)):
+        _ok("the l2 budget scales with sqrt(D): eps * sqrt(D_to / D_from)")
+        return None
+    if all(math.isclose(v, eps * r, rel_tol=1e-6) for v, (eps, _, _), r in zip(got, cases, ratio)):
+        raise AssertionError("this scales with D (the number of values), not sqrt(D): ||delta||_2 for a "
+                             "fixed change per value grows like the square root of the count")
+    if all(math.isclose(v, eps * b[-1] / a[-1], rel_tol=1e-6) for v, (eps, a, b) in zip(got, cases)):
+        raise AssertionError("the side ratio works only for square images with the same channels: count all the "
+                             "values, D = C * H * W")
+    if all(math.isclose(v, eps / math.sqrt(r), rel_tol=1e-6) for v, (eps, _, _), r in zip(got, cases, ratio)):
+        raise AssertionError("upside down: bigger images need a bigger l2 budget for the same change per value")
+    raise AssertionError("if every value moves by c, ||delta||_2 = c sqrt(D): keep c fixed and solve for the new budget")
