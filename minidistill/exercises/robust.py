@@ -1,5 +1,5 @@
 """Chapter 12's exercise self-checks (adversarially robust transfer), re-exported by
-:mod:`minidistill.methods.robust`: the l1 steepest-ascent step, the l2 projection, and how an l2
+:mod:`minidistill.methods.robust`: the l1 steepest-ascent step, the l1 projection, and how an l2
 budget scales with the image shape.
 
 Each check prints a line starting with a tick when the answer is right, says "not attempted
@@ -15,7 +15,7 @@ import torch
 
 from ..runtime import attempted
 
-__all__ = ["check_l1_step", "check_l2_projection", "check_l2_budget"]
+__all__ = ["check_l1_step", "check_l1_projection", "check_l2_budget"]
 
 
 def _ok(msg: str) -> None:
@@ -50,33 +50,54 @@ def check_l1_step(step_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     _ok("the l1 steepest-ascent step is sign(g_i) at the largest |g_i|: the dual norm of l1 is l-infinity")
 
 
-def check_l2_projection(project_fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
+def _l1_ball_projection(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference: soft-thresholding by the tau (found by bisection) that brings each outside row
+    to l1 norm eps; rows inside the ball are kept."""
+    a = delta.abs()
+    lo, hi = torch.zeros(len(a), 1, dtype=a.dtype), a.amax(1, keepdim=True)
+    for _ in range(200):
+        tau = (lo + hi) / 2
+        big = (a - tau).clamp_min(0).sum(1, keepdim=True) > eps
+        lo, hi = torch.where(big, tau, lo), torch.where(big, hi, tau)
+    out = delta.sign() * (a - (lo + hi) / 2).clamp_min(0)
+    inside = a.sum(1, keepdim=True) <= eps
+    return torch.where(inside, delta, out)
+
+
+def check_l1_projection(project_fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
     r"""``project_fn(delta, eps)`` must map each row of ``delta`` (shape ``[N, D]``) to the
-    closest point of the $\ell_2$ ball of radius ``eps``: unchanged inside, rescaled to norm
-    ``eps`` outside."""
+    closest ($\ell_2$ distance) point of the $\ell_1$ ball of radius ``eps``: unchanged inside;
+    outside, soft-thresholding $\mathrm{sign}(\delta_i)\max(|\delta_i| - \tau, 0)$ with the
+    $\tau > 0$ that makes the row's $\ell_1$ norm equal ``eps``."""
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(5, 12, generator=g, dtype=torch.float64)
     delta[0] *= 0.01                               # inside the ball
-    eps = 1.0
-    norms = delta.norm(dim=1, keepdim=True)
-    want = delta * torch.clamp(eps / norms, max=1.0)
+    delta[3, :6] *= 8                              # a few large values: several survive the threshold
+    eps = 2.0
+    want = _l1_ball_projection(delta, eps)
     if not attempted(project_fn, delta.clone(), eps):
         return None
     out = project_fn(delta.clone(), eps)
     if not isinstance(out, torch.Tensor) or out.shape != delta.shape:
         raise AssertionError(f"return a tensor of delta's shape {tuple(delta.shape)}")
     out = out.double()
+    l1 = delta.abs().sum(1, keepdim=True)
+    if torch.allclose(out, delta * torch.clamp(eps / l1, max=1.0)) or torch.allclose(out, eps * delta / l1):
+        raise AssertionError("rescaling delta to l1 norm eps stays in the ball but is not the closest point: "
+                             "the closest point subtracts the same amount tau from every |delta_i| (clipping at 0)")
     if torch.allclose(out, delta.clamp(-eps, eps)):
-        raise AssertionError("clamping each coordinate projects onto the l-infinity ball (a cube), not the l2 ball")
-    if torch.allclose(out, eps * delta / norms):
-        raise AssertionError("a perturbation already inside the ball must stay as it is: "
-                             "rescale only rows with norm > eps")
-    if torch.allclose(out, delta * torch.clamp(eps / delta.norm(), max=1.0)):
-        raise AssertionError("the norm is per example (per row), not over the whole batch")
+        raise AssertionError("clamping each coordinate projects onto the l-infinity ball (a cube), not the l1 ball")
+    if torch.allclose(out, delta * torch.clamp(eps / delta.norm(dim=1, keepdim=True), max=1.0)):
+        raise AssertionError("that is the l2 projection; the l1 ball has corners, and its closest point is sparse")
+    if torch.allclose(out[1:], want[1:], rtol=1e-6, atol=1e-9) and not torch.allclose(out[0], delta[0]):
+        raise AssertionError("a perturbation already inside the ball must stay as it is")
+    if (out.abs().sum(1) > eps * (1 + 1e-6)).any():
+        raise AssertionError("a point of the l1 ball has sum |delta_i| <= eps in every row (per row, not per batch)")
     if not torch.allclose(out, want, rtol=1e-6, atol=1e-9):
-        raise AssertionError("not the closest point of the ball: inside keep delta, "
-                             "outside use eps * delta / ||delta||")
-    _ok("projection onto the l2 ball: rescale rows whose norm exceeds eps, keep the others")
+        raise AssertionError("inside the ball, but not the closest point: shrink every |delta_i| by the same tau "
+                             "(values below tau become 0), keep the signs, and choose tau per row so that "
+                             "sum |delta_i| = eps")
+    _ok("projection onto the l1 ball: soft-threshold each outside row by the tau that leaves l1 norm eps")
 
 
 def check_l2_budget(budget_fn: Callable[[float, tuple, tuple], float]) -> None:

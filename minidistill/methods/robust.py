@@ -30,12 +30,12 @@ from torch import nn
 
 from minidistill import losses, train
 from minidistill.data import Dataset
-from minidistill.exercises.robust import check_l1_step, check_l2_budget, check_l2_projection  # noqa: F401
+from minidistill.exercises.robust import check_l1_step, check_l2_budget, check_l1_projection  # noqa: F401
 
 __all__ = [
     "ATTACK_NORMS", "ascent_direction", "project", "pgd_attack", "Normalizer", "AdversarialTraining",
     "robust_accuracy", "class_split", "few_shot", "TransferModel", "transfer", "TRANSFER_MODES",
-    "linf_corner_l2", "check_l1_step", "check_l2_projection", "check_l2_budget",
+    "linf_corner_l2", "check_l1_step", "check_l1_projection", "check_l2_budget",
 ]
 
 #: the norms an attack can use

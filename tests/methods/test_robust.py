@@ -204,14 +204,38 @@ def test_self_checks_accept_right_answers_and_catch_mistakes(capsys):
                   lambda g: torch.zeros(3)):
         _rejects(robust.check_l1_step, wrong)
 
-    def right(d, eps):
-        n = d.norm(dim=1, keepdim=True)
-        return torch.where(n > eps, eps * d / n, d)
-    _accepts(robust.check_l2_projection, right, capsys)
-    _accepts(robust.check_l2_projection, lambda d, e: d * torch.clamp(e / d.norm(dim=1, keepdim=True), max=1), capsys)
-    for wrong in (lambda d, e: d.clamp(-e, e), lambda d, e: e * d / d.norm(dim=1, keepdim=True),
-                  lambda d, e: d * min(1.0, e / float(d.norm())), lambda d, e: d):
-        _rejects(robust.check_l2_projection, wrong)
+    def l1_proj_sort(d, eps):                       # Duchi et al.'s sort-based projection
+        a = d.abs()
+        srt = a.sort(1, descending=True).values
+        css = srt.cumsum(1) - eps
+        k = torch.arange(1, d.shape[1] + 1, dtype=d.dtype)
+        rho = ((srt - css / k) > 0).sum(1, keepdim=True)
+        tau = css.gather(1, rho - 1) / rho
+        out = d.sign() * (a - tau).clamp_min(0)
+        return torch.where(a.sum(1, keepdim=True) <= eps, d, out)
+
+    def l1_proj_loop(d, eps):                       # row by row, tau by bisection
+        rows = []
+        for r in d:
+            if r.abs().sum() <= eps:
+                rows.append(r)
+                continue
+            lo, hi = 0.0, float(r.abs().max())
+            for _ in range(100):
+                t = (lo + hi) / 2
+                lo, hi = (t, hi) if float((r.abs() - t).clamp_min(0).sum()) > eps else (lo, t)
+            rows.append(r.sign() * (r.abs() - lo).clamp_min(0))
+        return torch.stack(rows)
+    _accepts(robust.check_l1_projection, l1_proj_sort, capsys)
+    _accepts(robust.check_l1_projection, l1_proj_loop, capsys)
+    for wrong in (lambda d, e: d.clamp(-e, e),
+                  lambda d, e: d * torch.clamp(e / d.abs().sum(1, keepdim=True), max=1),     # rescale
+                  lambda d, e: e * d / d.abs().sum(1, keepdim=True),                         # rescale every row
+                  lambda d, e: d * torch.clamp(e / d.norm(dim=1, keepdim=True), max=1),      # l2 projection
+                  lambda d, e: torch.where(torch.arange(len(d)).view(-1, 1) == 0, 0.5 * d, l1_proj_sort(d, e)),
+                  lambda d, e: d.sign() * (d.abs() - 0.1).clamp_min(0),                      # fixed tau
+                  lambda d, e: d):
+        _rejects(robust.check_l1_projection, wrong)
 
     _accepts(robust.check_l2_budget, lambda e, a, b: e * math.sqrt(math.prod(b) / math.prod(a)), capsys)
     _accepts(robust.check_l2_budget, lambda e, a, b: e * torch.ones(b).norm().item() / torch.ones(a).norm().item(),
@@ -222,7 +246,7 @@ def test_self_checks_accept_right_answers_and_catch_mistakes(capsys):
 
     def todo(*args):
         raise NotImplementedError
-    for check in (robust.check_l1_step, robust.check_l2_projection, robust.check_l2_budget):
+    for check in (robust.check_l1_step, robust.check_l1_projection, robust.check_l2_budget):
         assert check(todo) is None
         assert "not attempted" in capsys.readouterr().out
 
