@@ -44,6 +44,7 @@ __all__ = [
     "autocast",
     "fit",
     "Run",
+    "build_model",
     "train_model",
     "predict",
     "evaluate",
@@ -599,6 +600,19 @@ class Run:
         return iter((self.model, self.history))
 
 
+def build_model(model: str | Callable[[], nn.Module], num_classes: int) -> nn.Module:
+    """A fresh network from a name in :data:`~minidistill.models.MODELS` (with ``num_classes``
+    outputs) or from a function of no arguments that builds one. The caller seeds."""
+    if isinstance(model, str):
+        return create_model(model, num_classes)
+    if not callable(model):
+        raise TypeError(f"model must be a model name or a function that builds one, got {type(model).__name__}")
+    net = model()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model() must build an nn.Module, got {type(net).__name__}")
+    return net
+
+
 def train_model(
     model: str | Callable[[], nn.Module],
     data: Dataset,
@@ -618,15 +632,8 @@ def train_model(
     their loss. Other keyword arguments go to :func:`fit` (``eval_every``, ``checkpoint`` ...).
     """
     seed_everything(seed)
-    if isinstance(model, str):
-        name, net = model, create_model(model, data.num_classes)
-    elif callable(model):
-        net = model()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"model() must build an nn.Module, got {type(net).__name__}")
-        name = type(net).__name__
-    else:
-        raise TypeError(f"model must be a model name or a function that builds one, got {type(model).__name__}")
+    net = build_model(model, data.num_classes)
+    name = model if isinstance(model, str) else type(net).__name__
     history = fit(net, data, objective, recipe, seed=seed, description=description or f"{name} (seed {seed})",
                   **fit_kwargs)
     return Run(net, history)

@@ -29,9 +29,8 @@ from torch import nn
 
 from ..data import Dataset
 from ..losses import Objective, check_temperature, kd_loss, upcast
-from ..models import create_model
 from ..runtime import seed_everything
-from ..train import History, Recipe, evaluate, fit
+from ..train import History, Recipe, build_model, evaluate, fit
 
 __all__ = ["mimicry_loss", "dml_losses", "MutualLearning", "MutualRun", "train_mutual", "REDUCTIONS", "UPDATES"]
 
@@ -166,13 +165,6 @@ class MutualRun:
     test_acc: list[float]
 
 
-def _build(spec: str | Callable[[], nn.Module], num_classes: int) -> nn.Module:
-    net = create_model(spec, num_classes) if isinstance(spec, str) else spec()
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"a network spec must be a model name or a function that builds one, got {spec!r}")
-    return net
-
-
 def train_mutual(
     networks: Sequence[str | Callable[[], nn.Module]],
     data: Dataset,
@@ -197,7 +189,7 @@ def train_mutual(
     nets = []
     for k, spec in enumerate(networks):
         seed_everything(seed + 1000 * k)
-        nets.append(_build(spec, data.num_classes))
+        nets.append(build_model(spec, data.num_classes))
     if objective is None:
         obj: Objective = MutualLearning(nets[1:], update=update, reduction=reduction, temperature=temperature)
     else:
