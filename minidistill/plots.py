@@ -17,6 +17,14 @@ _LABELS = {"train_loss": "training loss", "train_acc": "training accuracy (%)", 
            "val_loss": "validation loss", "lr": "learning rate"}
 
 
+def _class_labels(class_names: Sequence[str] | None, k: int, unit: str = "classes") -> list[str]:
+    """The ``k`` tick labels: ``class_names`` (checked to have ``k`` names) or '0', '1', ..."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} names for {k} {unit}")
+    return names
+
+
 def plot_history(histories, metrics: Sequence[str] = ("train_loss", "test_acc"), title: str | None = None):
     """Curves of ``metrics`` per epoch for one History or a ``{label: History or [History, ...]}``
     mapping; several histories under one label are drawn as their mean with a min-max band."""
@@ -68,9 +76,7 @@ def plot_soft_targets(
                                    for t in temperatures):
         raise ValueError(f"temperatures must be finite positive numbers, got {temperatures!r}")
     k = len(logits)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    if len(names) != k:
-        raise ValueError(f"class_names has {len(names)} names for {k} logits")
+    names = _class_labels(class_names, k, "logits")
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(6, 0.7 * k), 3.2))
     width = 0.8 / len(temperatures)
     for i, t in enumerate(temperatures):

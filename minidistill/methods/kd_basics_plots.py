@@ -12,6 +12,7 @@ import torch
 from matplotlib.colors import LogNorm
 
 from .. import plots
+from ..plots import _class_labels
 from ..losses import check_temperature
 
 __all__ = ["plot_soft_targets", "plot_class_soft_targets"]
@@ -56,9 +57,7 @@ def plot_class_soft_targets(matrices: dict[float, torch.Tensor], class_names: Se
     if len(sizes) != 1:
         raise ValueError(f"all matrices must have the same size, got {sorted(sizes)}")
     k = sizes.pop()
-    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    if len(names) != k:
-        raise ValueError(f"class_names has {len(names)} names for {k} classes")
+    names = _class_labels(class_names, k)
     annotate = k <= 10 if annotate is None else annotate
     finite = torch.cat([m[torch.isfinite(m)].flatten() for m in mats.values()])
     if log:

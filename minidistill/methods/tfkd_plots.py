@@ -9,6 +9,8 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import torch
 
+from ..plots import _class_labels
+
 __all__ = ["plot_distributions", "plot_tfkd_targets"]
 
 
@@ -22,9 +24,7 @@ def plot_distributions(dists: Mapping[str, torch.Tensor], class_names: Sequence[
     if len(sizes) != 1:
         raise ValueError(f"all distributions must have the same length, got lengths {sorted(sizes)}")
     k = sizes.pop()
-    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    if len(names) != k:
-        raise ValueError(f"class_names has {len(names)} names for {k} classes")
+    names = _class_labels(class_names, k)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(5.5, 0.75 * k), 3.4))
     width = 0.8 / len(rows)
     for i, (label, p) in enumerate(rows.items()):
