@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .runtime import PROFILES, Profile, cpu_threads, device_name, get_device
+from .runtime import PROFILES, Profile, _cpu_name, cpu_threads, device_name, get_device
 
 __all__ = ["DEFAULT_GPU_CLASS", "gpu_class", "read_meta", "publishing_order", "predict", "plan", "stamp",
            "publish", "main"]
@@ -265,7 +265,7 @@ def publish(notebooks: list[Path], profile: str = "course", timeout: int = 1800,
     name, gpu = device_name(device), device_class or _default_class(device)
     kernel_threads = cpu_threads(Profile(profile, device)) if device.type == "cpu" else None
     if kernel_threads is not None:   # the stamp names the threads the notebooks' kernels compute with
-        name = f"CPU ({kernel_threads} thread{'' if kernel_threads == 1 else 's'})"
+        name = _cpu_name(kernel_threads)
     metas = {Path(p): read_meta(p) for p in notebooks}
     order = [Path(p) for p in notebooks] if budget is None else publishing_order(metas)
 

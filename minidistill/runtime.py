@@ -67,7 +67,11 @@ def device_name(device: str | torch.device | None = None) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    threads = torch.get_num_threads()
+    return _cpu_name(torch.get_num_threads())
+
+
+def _cpu_name(threads: int) -> str:
+    """``'CPU (1 thread)'``, ``'CPU (2 threads)'``: the name :func:`device_name` gives a CPU."""
     return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 

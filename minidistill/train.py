@@ -736,9 +736,13 @@ def _writable_folder(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(
-            f"cannot write to the checkpoint folder {folder} ({type(e).__name__}: {e}); choose a writable data "
-            f"root with MINIDISTILL_DATA=/some/folder (or root=...)") from e
+        raise _unwritable(f"the checkpoint folder {folder}", e) from e
+
+
+def _unwritable(what: str, error: OSError) -> PermissionError:
+    """The error for a data root or cache folder that cannot be written: which, why, and the way out."""
+    return PermissionError(f"cannot write to {what} ({type(error).__name__}: {error}); choose a writable data "
+                           f"root with MINIDISTILL_DATA=/some/folder (or root=...)")
 
 
 def pretrained(
@@ -778,10 +782,8 @@ def pretrained(
     try:
         folder = data_root(root) / "checkpoints"
     except OSError as e:   # the root itself cannot be made (a file in the way, no permission)
-        raise PermissionError(
-            f"cannot create the data root {root or os.environ.get('MINIDISTILL_DATA') or '~/.cache/minidistill'} "
-            f"({type(e).__name__}: {e}); choose a writable data root with MINIDISTILL_DATA=/some/folder "
-            f"(or root=...)") from e
+        where = root or os.environ.get("MINIDISTILL_DATA") or "~/.cache/minidistill"
+        raise _unwritable(f"the data root {where}", e) from e
     path = folder / f"{name}-{data.name}{len(data.x_train)}-{data.digest()[:8]}-{prof.name}-s{seed}-{recipe.key()}.pt"
     dev = get_device(device) if device is not None else prof.device
     seed_everything(seed)
