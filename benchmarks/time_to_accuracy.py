@@ -113,7 +113,7 @@ def main() -> None:
             "seconds_to_resnet_final_acc": fast_to_resnet,
         },
         "resnet_teacher": {
-            "model": args.resnet, "recipe": dataclasses.asdict(recipe), "final_test_acc": round(final, 2),
+            "model": args.resnet, "recipe": recipe.fields(), "final_test_acc": round(final, 2),
             "seconds_to_final_acc": to_final, "epochs_to_final_acc": next(
                 r["epoch"] for r in rh.records if r["test_acc"] >= final),
             "total_seconds": rh.final("seconds"),

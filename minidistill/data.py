@@ -244,6 +244,11 @@ class DeviceLoader:
     horizontal flip with probability 1/2, all in one batched gather. Shuffling and
     augmentation draw from a generator seeded by ``(seed, epoch)``: the same epoch gives the
     same batches, which is what makes a resumed run identical to an uninterrupted one.
+
+    With ``world_size > 1`` (one process per GPU, see :mod:`minidistill.distributed`) a training
+    loader yields this ``rank``'s slice of every global batch of ``batch_size`` images: every
+    rank draws the same order and augmentation, so the union of the ranks' slices is the batch
+    one process would see.
     """
 
     def __init__(
@@ -259,9 +264,17 @@ class DeviceLoader:
         device: str | torch.device | None = None,
         channels_last: bool = True,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be an int in [0, world_size) and world_size an int >= 1, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if world_size > 1 and (not train or batch_size % world_size):
+            raise ValueError(f"a loader split over {world_size} ranks must be a training loader whose batch_size "
+                             f"({batch_size}) the world size divides")
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
         if x.dtype != torch.uint8:
@@ -271,6 +284,7 @@ class DeviceLoader:
         self.y = y.to(self.device)
         self.batch_size = batch_size
         self.train, self.pad, self.seed, self.epoch = train, pad, seed, 0
+        self.rank, self.world_size = rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         c = x.shape[1]
         std_t = torch.tensor(std, device=self.device).view(1, c, 1, 1)
@@ -285,15 +299,17 @@ class DeviceLoader:
         n = len(self.x)
         return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
 
-    def _augment(self, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _augment(self, xb: torch.Tensor, gen: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
+        """Crop and flip ``xb``, the ``part`` of a global batch; the draws are made for the whole
+        global batch, so that every rank's slice gets what one process would give it."""
         b, c, h, w = xb.shape
-        p = self.pad
+        p, full = self.pad, b * self.world_size
         xp = F.pad(xb, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b, 1), device=xb.device, generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (b, 1), device=xb.device, generator=gen)
+        dy = torch.randint(0, 2 * p + 1, (full, 1), device=xb.device, generator=gen)[part]
+        dx = torch.randint(0, 2 * p + 1, (full, 1), device=xb.device, generator=gen)[part]
         rows = dy + torch.arange(h, device=xb.device)
         cols = dx + torch.arange(w, device=xb.device)
-        flip = torch.rand(b, 1, device=xb.device, generator=gen) < 0.5
+        flip = torch.rand(full, 1, device=xb.device, generator=gen)[part] < 0.5
         cols = torch.where(flip, cols.flip(1), cols)
         bi = torch.arange(b, device=xb.device).view(b, 1, 1, 1)
         ci = torch.arange(c, device=xb.device).view(1, c, 1, 1)
@@ -304,12 +320,14 @@ class DeviceLoader:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(n, device=self.device, generator=gen) if self.train else None
+        local = self.batch_size // self.world_size
+        part = slice(self.rank * local, (self.rank + 1) * local) if self.world_size > 1 else slice(None)
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl] if order is not None else sl
+            idx = order[sl][part] if order is not None else sl
             xb, yb = self.x[idx], self.y[idx]
             if self.train and self.pad > 0:
-                xb = self._augment(xb, gen)
+                xb = self._augment(xb, gen, part)
             yield self.normalize(xb), yb
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Dataset, DeviceLoader, load_dataset
 from .losses import CrossEntropy, Objective
 from .models import create_model
@@ -37,6 +38,9 @@ from .runtime import Profile, data_root, device_name, get_device, get_profile, s
 
 __all__ = [
     "Recipe",
+    "SCHEDULES",
+    "PAPER_RECIPE",
+    "FAST_RECIPE",
     "default_recipe",
     "History",
     "TrainingDiverged",
@@ -57,8 +61,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """What is learned: SGD with momentum and a one-cycle (or cosine, or constant) schedule.
+    """What is learned: SGD with momentum and a one-cycle (or cosine, step, or constant) schedule.
 
+    ``schedule="step"`` multiplies the rate by ``gamma`` at each epoch in ``milestones`` (the
+    benchmark schedule of RepDistiller: x0.1 at epochs 150, 180 and 210 of 240); the two fields
+    are ignored, and left out of the recipe's key and repr, for the other schedules.
     ``optimizer="adam"`` uses Adam instead (betas 0.9, 0.999; ``weight_decay`` as its L2
     term; ``momentum`` and ``nesterov`` are then unused), for methods whose papers train
     with it (JEM, say).
@@ -73,6 +80,8 @@ class Recipe:
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
     optimizer: str = "sgd"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         def number(x: Any) -> bool:
@@ -92,8 +101,19 @@ class Recipe:
             raise ValueError(f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.milestones, list):  # (a list, as JSON gives it back, is taken as a tuple)
+            object.__setattr__(self, "milestones", tuple(self.milestones))
+        stones = self.milestones
+        if not (isinstance(stones, tuple) and all(isinstance(m, int) and not isinstance(m, bool) for m in stones)
+                and list(stones) == sorted(set(stones)) and all(0 < m < self.epochs for m in stones)):
+            raise ValueError(f"milestones must be a tuple of increasing int epochs in (0, epochs={self.epochs}), "
+                             f"got {stones!r}")
+        if not (number(self.gamma) and 0 < self.gamma <= 1):
+            raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
+        if self.schedule == "step" and not stones:
+            raise ValueError("schedule='step' needs milestones, the epochs at which the rate is multiplied by gamma")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
@@ -101,18 +121,44 @@ class Recipe:
         """A copy with some fields changed: ``recipe.replace(epochs=10)``."""
         return dataclasses.replace(self, **changes)
 
+    def fields(self) -> dict[str, Any]:
+        """The fields that matter (``milestones`` and ``gamma`` only for the step schedule)."""
+        d = dataclasses.asdict(self)
+        if self.schedule != "step":
+            del d["milestones"], d["gamma"]
+        return d
+
     def key(self) -> str:
-        """A short hash of every field: two recipes with the same key train the same way."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of every field that matters: two recipes with the same key train the same way."""
+        return hashlib.sha1(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:10]
+
+    def __repr__(self) -> str:
+        return "Recipe(" + ", ".join(f"{k}={v!r}" for k, v in self.fields().items()) + ")"
+
+
+#: the learning-rate schedules a :class:`Recipe` can name
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+
+#: RepDistiller's CIFAR-100 benchmark recipe (``train_student.py``, ``train_teacher.py``): 240 epochs,
+#: SGD (momentum 0.9, no Nesterov) at lr 0.05, x0.1 at epochs 150, 180, 210, weight decay 5e-4,
+#: batch 64. RepDistiller lowers lr to 0.01 for its MobileNetV2 and ShuffleNet students, which
+#: this package does not build.
+PAPER_RECIPE = Recipe(epochs=240, batch_size=64, lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                      schedule="step", milestones=(150, 180, 210), gamma=0.1)
+
+#: the package's fast alternative for the same table: large batch, one-cycle, bf16 on a GPU (``fit``'s
+#: default precision); 60 epochs at batch 512 take about a quarter of PAPER_RECIPE's images
+FAST_RECIPE = Recipe(epochs=60, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
 def default_recipe(profile: Profile | str | None = None) -> Recipe:
-    """The course's training recipe at a profile's size (smoke: 8 short epochs on CPU)."""
+    """The course's training recipe at a profile's size (smoke: 8 short epochs on CPU; paper:
+    :data:`PAPER_RECIPE`, RepDistiller's benchmark schedule)."""
     name = profile.name if isinstance(profile, Profile) else get_profile(profile).name
     if name == "smoke":
         return Recipe(epochs=8, batch_size=128, lr=0.1)
     if name == "paper":
-        return Recipe(epochs=240, batch_size=64, lr=0.05, nesterov=False, schedule="cosine")
+        return PAPER_RECIPE
     return Recipe()
 
 
@@ -207,6 +253,32 @@ def score_loader(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | No
     return _scores(_logits(model, loader, dtype), loader.y)
 
 
+def _score_ranks(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | None) -> dict[str, float]:
+    """:func:`score_loader` over every rank's part of a split: the sums are added over ranks."""
+    if not distributed.is_distributed():
+        return score_loader(model, loader, dtype)
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)
+    if len(loader.y):
+        logits = _logits(model, loader, dtype)
+        sums += torch.stack([F.cross_entropy(logits, loader.y, reduction="sum").double(),
+                             (logits.argmax(1) == loader.y).sum().double(), torch.tensor(float(len(loader.y)),
+                                                                                          device=loader.device)])
+    loss, correct, n = distributed.all_reduce_sum(sums).tolist()
+    return {"loss": loss / n, "acc": 100.0 * correct / n}
+
+
+class _Step(nn.Module):
+    """The student and the objective as one module, so that ``DistributedDataParallel`` averages the
+    gradients of both (a regressor's too); the frozen teacher has none to average."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return self.objective(self.model, x, y)
+
+
 def predict(
     model: nn.Module,
     data: Dataset,
@@ -264,6 +336,9 @@ def _make_schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: 
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=pct)
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if recipe.schedule == "step":  # stepped per batch, like the others: milestones counted in steps
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [m * steps_per_epoch for m in recipe.milestones],
+                                                    gamma=recipe.gamma)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -417,6 +492,11 @@ def fit(
 
     Report ``history.final('test_acc')``; choose things with ``val_acc``.
 
+    Under ``torchrun`` (after :func:`minidistill.distributed.init`) the same call trains on every
+    process's GPU with ``DistributedDataParallel``: ``recipe.batch_size`` is the global batch,
+    split evenly over the ranks, and only rank 0 writes the checkpoint (see
+    :mod:`minidistill.distributed`; ``device`` defaults to the rank's own GPU).
+
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
     """
@@ -440,16 +520,28 @@ def fit(
     if not isinstance(objective, nn.Module):
         raise TypeError(f"objective must be an nn.Module (subclass losses.Objective), got {type(objective).__name__}; "
                         "wrap a function in an Objective whose forward(model, x, y) returns (loss, logits, terms)")
-    device = get_device(device)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and recipe.batch_size % world:
+        raise ValueError(f"recipe.batch_size {recipe.batch_size} is the global batch and must split evenly over the "
+                         f"{world} processes: choose a multiple of {world}")
+    device = get_device(device) if device is not None or world == 1 else distributed.local_device()
+    if world > 1 and device.type == "cuda" and device.index is None:  # "cuda": this process's own GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":  # normalise over the global batch, as one GPU does (in place: model stays model)
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn("SyncBatchNorm needs GPUs: on the CPU each process's BatchNorm layers use only its part of "
+                          "the batch, so the run is not the one-process run", stacklevel=2)
     model.to(device, memory_format=memory_format)
     objective.to(device, memory_format=memory_format)
     dtype = autocast_dtype(device, amp)
     loader = DeviceLoader.from_dataset(data, "train", recipe.batch_size, device=device,
-                                       channels_last=channels_last, seed=seed)
+                                       channels_last=channels_last, seed=seed, rank=rank, world_size=world)
     example = loader.normalize(loader.x[:2])
     _check_outputs(model, example, data)
     if isinstance(objective, Objective):
@@ -459,9 +551,9 @@ def fit(
         for m in objective.children():
             if any(p.requires_grad for p in m.parameters()):  # frozen teachers are compiled by setup()
                 m.compile()
-    # built once: the evaluation splits stay on the device for the whole run
-    eval_loaders = {split: DeviceLoader.from_dataset(data, split, 1024, train=False, device=device,
-                                                     channels_last=channels_last)
+    # built once: the evaluation splits (each rank's part of them) stay on the device for the whole run
+    eval_loaders = {split: DeviceLoader(*(t.tensor_split(world)[rank] for t in data.split(split)), 1024,
+                                        mean=data.mean, std=data.std, device=device, channels_last=channels_last)
                     for split in eval_splits if len(getattr(data, f"x_{split}"))}
     params = [p for p in (*model.parameters(), *objective.parameters()) if p.requires_grad]
     opt = _make_optimizer(params, recipe, device)
@@ -469,16 +561,25 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history = History(meta={
         "model": type(model).__name__, "objective": type(objective).__name__, "data": data.name,
-        "recipe": dataclasses.asdict(recipe), "seed": seed, "device": device_name(device),
+        "recipe": recipe.fields(), "seed": seed, "device": device_name(device),
         "amp": str(dtype).replace("torch.", "") if dtype else "off", "compile": compile,
     })
+    if world > 1:
+        history.meta["world_size"] = world
     fingerprint = {k: history.meta[k] for k in ("model", "objective", "data", "recipe", "seed")}
     fingerprint["n_train"] = len(data.x_train)
     fingerprint["parameters"] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     start = 0
 
     path = Path(checkpoint) if checkpoint is not None else None
-    state = _load_checkpoint(path, device) if path is not None and path.exists() else None
+    main = distributed.is_main()
+
+    def read() -> dict | None:
+        return _load_checkpoint(path, device) if path is not None and path.exists() else None
+
+    state = read() if main else None   # rank 0 first: it moves a damaged file aside
+    distributed.barrier()
+    state = state if main else read()
     if state is not None:
         if state.get("fingerprint") != _plain(fingerprint):
             raise ValueError(
@@ -502,8 +603,14 @@ def fit(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = History.from_dict(state["history"])
         start = state["epoch"]
+    step_fn: Callable[[torch.Tensor, torch.Tensor], Any] = lambda x, y: objective(model, x, y)  # noqa: E731
+    if world > 1:  # (built after loading: the ranks start from rank 0's weights either way)
+        ddp = nn.parallel.DistributedDataParallel(
+            _Step(model, objective), device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True)  # (a trunk, say, leaves some parameters unused)
+        step_fn = ddp
 
-    show = show_progress() if progress is None else progress
+    show = (show_progress() if progress is None else progress) and main
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -528,7 +635,7 @@ def fit(
                 if positioned:
                     objective.epoch, objective.step = epoch, epoch * steps + step
                 with autocast(device, dtype):
-                    loss, logits, terms = _unpack(objective(model, x, y), objective)
+                    loss, logits, terms = _unpack(step_fn(x, y), objective)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -548,7 +655,10 @@ def fit(
                     scored += n
                 seen += n
                 if (step + 1) % check_every == 0 or step + 1 == steps:
-                    if not torch.isfinite(sums["loss"]):
+                    bad = ~torch.isfinite(sums["loss"])
+                    if world > 1:  # every rank stops together, or the others would wait forever
+                        bad = distributed.all_reduce_sum(bad.float()) > 0
+                    if bad:
                         raise TrainingDiverged(
                             f"the loss became {sums['loss'].item()} in epoch {epoch + 1}, by step {step + 1} "
                             f"(lr {sched.get_last_lr()[0]:.3g}). Lower the learning rate or check the "
@@ -556,6 +666,15 @@ def fit(
                             + (f"; {path} still holds the last good epoch." if path and path.exists() else ".")
                         )
             elapsed += time.perf_counter() - t0
+            if world > 1:  # the epoch's sums over every rank's part of the batches
+                names = sorted(sums)
+                packed = distributed.all_reduce_sum(torch.stack(
+                    [*(sums[k].double() for k in names), correct.double(),
+                     torch.tensor(float(seen), device=device, dtype=torch.float64),
+                     torch.tensor(float(scored), device=device, dtype=torch.float64)]))
+                sums = dict(zip(names, packed[:len(names)]))
+                correct, seen, scored = packed[-3], int(packed[-2]), int(packed[-1])
+                distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics: one network everywhere
             record = {"epoch": epoch + 1, "lr": epoch_lr}
             record.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
             if scored:
@@ -563,13 +682,13 @@ def fit(
             last = epoch + 1 == recipe.epochs
             due = last or (eval_every is not None and (epoch + 1) % eval_every == 0)
             for split, eval_loader in eval_loaders.items():
-                scores = score_loader(model, eval_loader, dtype) if due else {}
+                scores = _score_ranks(model, eval_loader, dtype) if due else {}
                 for k in ("loss", "acc"):
                     record[f"{split}_{k}"] = scores.get(k, math.nan)
             record["seconds"] = elapsed
             history.records.append(record)
             _check_finite_parameters(model, objective, epoch, path)
-            if path is not None:
+            if path is not None and main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _save_atomic({
                     "fingerprint": _plain(fingerprint), "epoch": epoch + 1, "model": model.state_dict(),
@@ -778,7 +897,7 @@ def pretrained(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, root)
     meta = {"model": name, "dataset": data.name, "n_train": len(data.x_train), "data_digest": data.digest(),
-            "profile": prof.name, "seed": seed, "recipe": dataclasses.asdict(recipe)}
+            "profile": prof.name, "seed": seed, "recipe": recipe.fields()}
     try:
         folder = data_root(root) / "checkpoints"
     except OSError as e:   # the root itself cannot be made (a file in the way, no permission)
@@ -808,31 +927,43 @@ def load_or_train(path: Path, meta: dict[str, Any], model: nn.Module, train_fn,
     interrupted run resumes), and the result is saved atomically with its digest, unless its
     weights are not finite. Files are read with ``weights_only=True`` (no code runs on load);
     a lock file makes concurrent callers train once; the folder must be writable.
+
+    Under ``torchrun`` rank 0 checks the cache and tells the others; a model not yet cached is
+    trained by all ranks together (``train_fn`` calls :func:`fit`) and saved by rank 0.
     """
     path, meta = Path(path), _plain(meta)
-    _writable_folder(path.parent)
-    with _CacheLock(path):
-        if path.exists():
+    main = distributed.is_main()
+    if main:
+        _writable_folder(path.parent)
+    with _CacheLock(path) if main else contextlib.nullcontext():
+        state = None
+        if main and path.exists():
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 if state["meta"] != meta:
                     raise ValueError(f"metadata {state['meta']} differ from {meta}")
                 if _state_digest(state["model"], [state["meta"], state["history"]]) != state["digest"]:
                     raise ValueError("contents do not match their stored digest")
-                model.load_state_dict(state["model"])
-                model = model.to(get_device(device)) if device is not None else model
-                return Trained(model.eval(), History.from_dict(state["history"]), path, True)
             except Exception as e:  # corrupt, truncated, tampered or mismatched: retrain
                 warnings.warn(f"ignoring cached checkpoint {path} ({type(e).__name__}: {str(e)[:300]}); retraining",
                               stacklevel=3)
                 path.unlink()
+                state = None
+        if distributed.broadcast_object(state is not None):  # (one process: just whether it loaded)
+            if not main:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            model = model.to(get_device(device)) if device is not None else model
+            return Trained(model.eval(), History.from_dict(state["history"]), path, True)
         partial = path.with_name(path.stem + ".partial.pt")
         history = train_fn(partial)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise TrainingDiverged(f"the trained weights are not finite; nothing was cached at {path}")
-        record = _plain(history.to_dict())
-        _save_atomic({"meta": meta, "model": state, "history": record,
-                      "digest": _state_digest(state, [meta, record])}, path)
-        partial.unlink(missing_ok=True)
+        if main:
+            record = _plain(history.to_dict())
+            _save_atomic({"meta": meta, "model": state, "history": record,
+                          "digest": _state_digest(state, [meta, record])}, path)
+            partial.unlink(missing_ok=True)
+        distributed.barrier()
         return Trained(model.eval(), history, path, False)

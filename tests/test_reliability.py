@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidistill import data, fast_teacher, losses, metrics, models, plots, report, runtime, train
+from minidistill import data, distributed, fast_teacher, losses, metrics, models, plots, report, runtime, train
 from minidistill.data import Dataset, DeviceLoader, make_shapes, train_val_split
 from minidistill.train import Recipe, TrainingDiverged, fit, pretrained
 
@@ -261,6 +261,16 @@ TWO_CLASS = Dataset("two", SHAPES.x_train[:8], SHAPES.y_train[:8] % 2, SHAPES.x_
 M8 = models.create_model("resnet8", 10)
 
 BAD = [
+    # distributed (one process here: the checks come before any collective)
+    (distributed.init, ("mpi",), {}, ValueError, "backend"),
+    (distributed.init, ("NCCL",), {}, ValueError, "backend"),
+    (distributed.init, (2,), {}, ValueError, "backend"),
+    (distributed.all_reduce_sum, (3.0,), {}, TypeError, "t must be a torch.Tensor"),
+    (distributed.all_reduce_sum, ([1, 2],), {}, TypeError, "t must be a torch.Tensor"),
+    (distributed.all_reduce_sum, (None,), {}, TypeError, "t must be a torch.Tensor"),
+    (distributed.broadcast_buffers, (torch.zeros(2),), {}, TypeError, "module must be an nn.Module"),
+    (distributed.broadcast_buffers, ("model",), {}, TypeError, "module must be an nn.Module"),
+    (distributed.broadcast_buffers, (None,), {}, TypeError, "module must be an nn.Module"),
     # runtime
     (runtime.get_profile, ("huge",), {}, ValueError, "profile"),
     (runtime.get_profile, ("gpu",), {}, ValueError, "profile"),
@@ -287,6 +297,10 @@ BAD = [
     (DeviceLoader, (SHAPES.x_train, SHAPES.y_train, 0), {"mean": SHAPES.mean, "std": SHAPES.std}, ValueError, "batch_size"),
     (DeviceLoader, (SHAPES.x_train, SHAPES.y_train[:3], 8), {"mean": SHAPES.mean, "std": SHAPES.std}, ValueError, "differ in length"),
     (DeviceLoader, (SHAPES.x_train.float(), SHAPES.y_train, 8), {"mean": SHAPES.mean, "std": SHAPES.std}, ValueError, "uint8"),
+    (DeviceLoader, (SHAPES.x_train, SHAPES.y_train, 8), {"mean": SHAPES.mean, "std": SHAPES.std, "rank": 2,
+                                                         "world_size": 2}, ValueError, "rank must be"),
+    (DeviceLoader, (SHAPES.x_train, SHAPES.y_train, 9), {"mean": SHAPES.mean, "std": SHAPES.std, "train": True,
+                                                         "world_size": 2}, ValueError, "world size divides"),
     (Dataset, ("d", SHAPES.x_train, SHAPES.y_train + 5, SHAPES.x_test, SHAPES.y_test, SHAPES.classes, SHAPES.mean,
                 SHAPES.std), {}, ValueError, "y_train"),
     (Dataset, ("d", SHAPES.x_train.float(), SHAPES.y_train, SHAPES.x_test, SHAPES.y_test, SHAPES.classes,
@@ -466,12 +480,13 @@ def test_9_every_public_function_of_the_core_has_three_bad_inputs():
     for fn, *_ in BAD:
         name = getattr(fn, "__qualname__", str(fn))
         covered[name] = covered.get(name, 0) + 1
-    modules = (runtime, data, models, losses, train, metrics, report, plots, fast_teacher)
+    modules = (runtime, data, models, losses, train, metrics, report, plots, fast_teacher, distributed)
     skip = {"PROFILES", "DATASETS", "MODELS", "Profile", "History", "Trained", "Run", "TrainingDiverged",
             "device_name", "get_device", "data_root", "show_progress", "banner", "Objective", "TeacherObjective",
             "upcast", "warn_if_probabilities", "check_temperature", "autocast", "score_loader", "load_or_train",
             "GLUE_PREFIX", "AlternatingFlipLoader", "Lookahead", "fast_teacher", "FeatureExtractor",
-            "cpu_threads", "apply_threads"}
+            "cpu_threads", "apply_threads", "SCHEDULES", "PAPER_RECIPE", "FAST_RECIPE", "is_distributed", "rank",
+            "world_size", "is_main", "local_device", "barrier", "close", "broadcast_object"}
     missing = []
     for mod in modules:
         for name in mod.__all__:

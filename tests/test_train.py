@@ -78,6 +78,10 @@ def test_all_names_exist():
     (dict(weight_decay=float("inf")), "weight_decay"), (dict(label_smoothing=2), "label_smoothing"),
     (dict(label_smoothing=-0.1), "label_smoothing"), (dict(nesterov="yes"), "nesterov"),
     (dict(schedule="linear"), "schedule must be"), (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(milestones=(20, 10)), "milestones must be"), (dict(milestones=(0,)), "milestones must be"),
+    (dict(epochs=10, milestones=(10,)), "milestones must be"), (dict(milestones=(1.5,)), "milestones must be"),
+    (dict(gamma=0.0), "gamma must be"), (dict(gamma=2.0), "gamma must be"),
+    (dict(schedule="step"), "schedule='step' needs milestones"),
 ])
 def test_recipe_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -100,9 +104,16 @@ def test_recipe_key_is_stable_short_and_sensitive_to_every_field():
     assert len(base.key()) == 10 and all(c in "0123456789abcdef" for c in base.key())
     changes = dict(epochs=31, batch_size=256, lr=0.21, momentum=0.8, nesterov=False, weight_decay=1e-4,
                    label_smoothing=0.1, schedule="cosine", optimizer="adam")
-    assert set(changes) == {f.name for f in dataclasses.fields(Recipe)}
+    step = dict(milestones=(10,), gamma=0.2)
+    assert set(changes) | set(step) == {f.name for f in dataclasses.fields(Recipe)}
     keys = {base.replace(**{k: v}).key() for k, v in changes.items()}
     assert len(keys) == len(changes) and base.key() not in keys
+    # milestones and gamma count only for the step schedule (so older recipes keep their keys)
+    assert {base.replace(**{k: v}).key() for k, v in step.items()} == {base.key()}
+    stepped = base.replace(schedule="step", milestones=(10, 20))
+    assert len({stepped.key(), *(stepped.replace(**{k: v}).key() for k, v in step.items())}) == 3
+    assert "milestones" not in repr(base) and "milestones=(10, 20)" in repr(stepped)
+    assert Recipe(schedule="step", milestones=[5, 7]).milestones == (5, 7)   # a list (from JSON) is taken
 
 
 def test_recipe_rejects_an_unknown_optimizer():
@@ -134,7 +145,9 @@ def test_default_recipe_per_profile(monkeypatch):
     assert (smoke.epochs, smoke.batch_size, smoke.lr) == (8, 128, 0.1)
     assert default_recipe("course") == Recipe()
     paper = default_recipe("paper")
-    assert (paper.epochs, paper.batch_size, paper.schedule, paper.nesterov) == (240, 64, "cosine", False)
+    # RepDistiller's benchmark recipe: 240 epochs, batch 64, lr 0.05, x0.1 at 150/180/210, wd 5e-4
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.schedule, paper.nesterov) == (240, 64, 0.05, "step", False)
+    assert (paper.milestones, paper.gamma, paper.weight_decay, paper.momentum) == ((150, 180, 210), 0.1, 5e-4, 0.9)
     monkeypatch.setenv("MINIDISTILL_PROFILE", "smoke")
     assert default_recipe() == smoke
     monkeypatch.setenv("MINIDISTILL_PROFILE", "paper")
@@ -161,7 +174,7 @@ def test_history_columns_and_final(fitted):
     assert history["seconds"][1] >= history["seconds"][0] > 0  # cumulative training time
     meta = history.meta
     assert meta["model"] == "CifarResNet" and meta["objective"] == "CrossEntropy" and meta["data"] == "shapes"
-    assert meta["recipe"] == dataclasses.asdict(Recipe(epochs=2, batch_size=128))
+    assert meta["recipe"] == Recipe(epochs=2, batch_size=128).fields()
     assert meta["seed"] == 0 and meta["amp"] == "off" and meta["device"].startswith("CPU")
 
 
@@ -252,13 +265,16 @@ def test_fit_learns_better_than_chance():
     assert not model.training  # fit leaves the model in eval mode
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant", "step"])
 def test_fit_schedules(tiny, schedule):
     lr = 0.05
-    history = fit(new_model(), tiny, recipe=Recipe(epochs=2, batch_size=128, lr=lr, schedule=schedule),
+    epochs, step = (3, dict(milestones=(1, 2), gamma=0.1)) if schedule == "step" else (2, {})
+    history = fit(new_model(), tiny, recipe=Recipe(epochs=epochs, batch_size=128, lr=lr, schedule=schedule, **step),
                   device="cpu")
     lrs = history["lr"]
-    if schedule == "constant":
+    if schedule == "step":   # the rate of each epoch's last step: x0.1 after epoch 1, again after epoch 2
+        assert lrs == pytest.approx([lr, lr * 0.1, lr * 0.01], rel=1e-9)
+    elif schedule == "constant":
         assert lrs == [lr, lr]
     elif schedule == "cosine":
         assert lr / 3 < lrs[0] < lr and lrs[1] < 0.05 * lr

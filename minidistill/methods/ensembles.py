@@ -364,7 +364,7 @@ def pretrained_ensemble(
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
     meta = {"kind": "deep-ensemble", "depth": depth, "width": width, "size": size, "dataset": data.name,
             "n_train": len(data.x_train), "data_digest": _data_digest(data), "profile": prof.name,
-            "seed": seed, "data_order": "own per member", "recipe": dataclasses.asdict(recipe)}
+            "seed": seed, "data_order": "own per member", "recipe": recipe.fields()}
     folder = data_root(root) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (f"de{size}-resnet{depth}w{width}-{data.name}{len(data.x_train)}-{prof.name}"

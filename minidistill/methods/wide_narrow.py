@@ -104,7 +104,7 @@ def train_wide(depth: int, factor: int, data: Dataset, recipe: Recipe, *, seed: 
     :func:`~minidistill.train.pretrained`, for a model not in ``models.MODELS``)."""
     name = f"resnet{depth}w{factor}"
     meta = {"model": name, "dataset": data.name, "n_train": len(data.x_train), "data_digest": data.digest(),
-            "profile": profile_name, "seed": seed, "recipe": dataclasses.asdict(recipe)}
+            "profile": profile_name, "seed": seed, "recipe": recipe.fields()}
     path = (data_root(root) / "checkpoints" /
             f"{name}-{data.name}{len(data.x_train)}-{data.digest()[:8]}-{profile_name}-s{seed}-{recipe.key()}.pt")
     seed_everything(seed)
