@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -265,6 +266,13 @@ def _score_ranks(model: nn.Module, loader: DeviceLoader, dtype: torch.dtype | No
                                                                                           device=loader.device)])
     loss, correct, n = distributed.all_reduce_sum(sums).tolist()
     return {"loss": loss / n, "acc": 100.0 * correct / n}
+
+
+#: DDP leaves buffers alone during training (an objective's replay buffer is each rank's own; fit copies
+#: rank 0's BatchNorm statistics after each epoch); newer torch renamed the argument
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 class _Step(nn.Module):
@@ -607,7 +615,7 @@ def fit(
     if world > 1:  # (built after loading: the ranks start from rank 0's weights either way)
         ddp = nn.parallel.DistributedDataParallel(
             _Step(model, objective), device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True)  # (a trunk, say, leaves some parameters unused)
+            find_unused_parameters=True, **_NO_BUFFER_SYNC)  # (a trunk, say, leaves some parameters unused)
         step_fn = ddp
 
     show = (show_progress() if progress is None else progress) and main

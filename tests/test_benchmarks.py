@@ -68,3 +68,65 @@ def test_course_estimates_are_stored_in_the_notebooks_and_fit_one_gpu_window():
         first_skip = next((i for i, r in enumerate(plan) if r["status"] != "fits"), len(plan))
         assert first_skip >= 5 and [Path(r["notebook"]).name for r in plan[:first_skip]] == \
             [p.name for p in notebooks[:first_skip]]
+
+
+def test_cifar100_table_runs_end_to_end_and_resumes_run_by_run(tmp_path):
+    """The table script on the smoke profile, with a fake CIFAR-100 .npz: one row, then a second seed."""
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar100.npz", x_train=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(200) % 100, x_test=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(100) % 100)
+    env = {**os.environ, "MINIDISTILL_PROFILE": "smoke", "MINIDISTILL_DATA": str(tmp_path), "MINIDISTILL_PROGRESS": "0"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cifar100_table.py"), "--recipe", "paper",
+           "--rows", "wrn_40_2-wrn_16_2", "--out", str(out), "--seeds"]
+    first = subprocess.run(cmd + ["0"], check=True, capture_output=True, text=True, timeout=300, env=env).stdout
+    assert "teacher wrn_40_2" in first and "trained" in first and first.count("seed 0:") == 3
+    results = json.loads((out / "cifar100_paper_smoke.json").read_text())
+    row = results["rows"]["wrn_40_2-wrn_16_2"]
+    assert set(row["runs"]) == {"student alone", "KD", "FitNet"}
+    assert all(0 <= r["0"]["acc"] <= 100 for r in row["runs"].values()) and 0 <= row["teacher"]["acc"] <= 100
+    # a second call trains only what is missing: the teacher comes from the cache, seed 0 is skipped
+    second = subprocess.run(cmd + ["0", "1"], check=True, capture_output=True, text=True, timeout=300, env=env).stdout
+    assert "from the cache" in second and "seed 0:" not in second and second.count("seed 1:") == 3
+    results = json.loads((out / "cifar100_paper_smoke.json").read_text())
+    assert all(set(r) == {"0", "1"} for r in results["rows"]["wrn_40_2-wrn_16_2"]["runs"].values())
+    table = (out / "cifar100_paper_smoke.md").read_text()
+    assert "| wrn_40_2 → wrn_16_2 |" in table and "75.61 | 73.26 | 74.92 | 73.58" in table and " ± " in table
+    assert not list((tmp_path / "checkpoints" / "cifar100_table").iterdir())   # finished runs leave no partials
+
+
+def test_cifar100_table_estimate_prints_every_row():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cifar100_table.py"), "--estimate",
+                          "--recipe", "fast", "--seeds", "0"], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert all(row in out for row in ("resnet32x4-resnet8x4", "resnet56-resnet20", "wrn_40_2-wrn_16_2"))
+    assert "estimate (not a measurement)" in out
+
+
+def test_cifar100_table_under_torchrun_writes_once(tmp_path):
+    """Two CPU processes (gloo): the same table, written by rank 0 only."""
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar100.npz", x_train=rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(128) % 100, x_test=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(64) % 100)
+    env = {**os.environ, "MINIDISTILL_PROFILE": "smoke", "MINIDISTILL_DATA": str(tmp_path), "MINIDISTILL_PROGRESS": "0",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "benchmarks" / "cifar100_table.py"), "--rows", "wrn_40_2-wrn_16_2", "--seeds", "0",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("seed 0:") == 3 and "2 process(es)" in done.stdout   # printed by rank 0 only
+    results = json.loads((out / "cifar100_paper_smoke.json").read_text())
+    assert results["world_size"] == 2 and set(results["rows"]["wrn_40_2-wrn_16_2"]["runs"]) == {
+        "student alone", "KD", "FitNet"}
+    assert sorted(p.name for p in out.iterdir()) == ["cifar100_paper_smoke.json", "cifar100_paper_smoke.md"]

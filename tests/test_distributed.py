@@ -44,7 +44,7 @@ saves, real_save = [], train._save_atomic
 def spy(obj, path):                     # record who writes, and keep a copy of the epoch-1 checkpoint
     saves.append(str(path))
     real_save(obj, path)
-    if obj["epoch"] == 1:
+    if obj.get("epoch") == 1 and "ckpt" in str(path):
         real_save(obj, path.with_name("epoch1.pt"))
 
 train._save_atomic = spy
@@ -54,7 +54,14 @@ history = train.fit(model, tiny_data(), recipe=RECIPE, seed=0, device="cpu", che
                     progress=False, check_every=1)
 dump = Path({dump!r})
 torch.save(model.state_dict(), dump / f"weights{{rank}}.pt")
-(dump / f"rank{{rank}}.json").write_text(json.dumps({{"saves": saves, "history": history.to_dict()}}))
+cache = out / "cache" / "net.pt"       # a cached model: trained by both ranks together, saved by rank 0
+made = [train.load_or_train(cache, {{"what": "test"}}, m, lambda partial, m=m: train.fit(
+            m, tiny_data(), recipe=RECIPE, seed=0, device="cpu", checkpoint=partial, progress=False))
+        for m in (small_net(), small_net())]
+cached = [t.cached for t in made]
+same = all(torch.equal(a, b) for a, b in zip(made[0].model.state_dict().values(), made[1].model.state_dict().values()))
+(dump / f"rank{{rank}}.json").write_text(json.dumps({{"saves": saves, "history": history.to_dict(),
+                                                     "cached": cached, "same": same}}))
 distributed.close()
 """
 
@@ -108,8 +115,17 @@ def test_the_global_batch_is_split_not_repeated():
 
 def test_only_rank_0_writes_files(two_ranks):
     out, ranks, _ = two_ranks
-    assert len(ranks[0]["saves"]) == RECIPE.epochs and ranks[1]["saves"] == []
+    assert all("ckpt" in p for p in ranks[0]["saves"][:RECIPE.epochs]) and ranks[1]["saves"] == []
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch1.pt", "run.pt"]
+
+
+def test_a_cached_model_is_trained_by_all_ranks_then_loaded_by_all(two_ranks):
+    out, ranks, _ = two_ranks
+    for r in ranks:   # first call: trained (together); second: every rank loads rank 0's file
+        assert r["cached"] == [False, True] and r["same"]
+    # rank 0 saved 2 epochs of the partial (then removed it) and the cache file; rank 1 nothing
+    assert len(ranks[0]["saves"]) == 2 * RECIPE.epochs + 1 and ranks[1]["saves"] == []
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["net.pt"]
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
