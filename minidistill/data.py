@@ -166,6 +166,11 @@ def _from_npz(path: Path, name: str) -> Dataset:
         if not np.issubdtype(arrays[k].dtype, np.integer) or arrays[k].ndim != 1:
             raise ValueError(f"{path}: {k} must be 1-D integer class labels, got {arrays[k].dtype} {arrays[k].shape}")
     ys = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y_train", "y_test")}
+    for split in ("train", "test"):  # a file sorted by class: every "first n images" would hold few classes
+        y = ys[f"y_{split}"]
+        if int(y.unique().numel()) not in (1, len(y)) and bool((y[1:] >= y[:-1]).all()):  # in blocks of a class
+            order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+            xs[f"x_{split}"], ys[f"y_{split}"] = xs[f"x_{split}"][order], y[order]  # (always the same order)
     num_classes = {"cifar10": 10, "cifar100": 100}.get(name, int(ys["y_train"].max()) + 1)
     for k, y in ys.items():
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
@@ -207,7 +212,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> Dataset:
 
     CIFAR comes from ``<root>/<name>.npz`` when that file exists (uint8 NHWC ``x_train``,
     ``x_test``; int64 ``y_train``, ``y_test``), else from torchvision's download into ``root``
-    (default: :func:`minidistill.runtime.data_root`).
+    (default: :func:`minidistill.runtime.data_root`). A split whose images a file stores sorted
+    by class (class 0 first, then class 1 ...) is shuffled once, always in the same order, so that
+    its first ``n`` images hold every class, as torchvision's order does.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")

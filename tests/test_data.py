@@ -460,3 +460,19 @@ def test_digest_follows_the_training_images_and_labels():
     assert len(other.x_train) == 64 and other.digest() != a.digest()
     relabelled = dataclasses.replace(a, y_train=a.y_train.roll(1))
     assert relabelled.digest() != a.digest()
+
+
+def test_npz_sorted_by_class_is_shuffled_once_the_same_way(tmp_path, no_download):
+    """A file sorted by class (as some converters write CIFAR) would make every "first n images"
+    slice hold a few classes: it is shuffled with a fixed seed, images and labels together."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(10), 6)                                    # 0 0 0 ... 9 9 9
+    x = (y[:, None, None, None] * 20 + rng.integers(0, 5, (60, 4, 4, 3))).astype(np.uint8)  # image encodes label
+    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=y, x_test=x[:30], y_test=np.arange(30) % 10)
+    d = load_dataset("cifar10", root=tmp_path)
+    assert len(set(d.y_train[:12].tolist())) > 4                       # the first 12 now span many classes
+    assert torch.equal(d.x_train[:, 0, 0, 0] // 20, d.y_train)         # each image still has its label
+    assert sorted(d.y_train.tolist()) == sorted(y.tolist())
+    assert torch.equal(d.y_test, torch.arange(30) % 10)                # not sorted: left as it is
+    again = load_dataset("cifar10", root=tmp_path)
+    assert torch.equal(again.y_train, d.y_train) and again.digest() == d.digest()
