@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minidistill import fast_teacher, train
+from minidistill.runtime import Profile
 from minidistill.data import make_shapes
 from minidistill.exercises import kd_basics as kd_exercises
 from minidistill.losses import Distillation, kd_loss, soft_targets
@@ -250,7 +251,13 @@ def test_chapters_1_and_2_ask_for_the_same_fast_teacher():
     call = re.search(r"fast_teacher\.fast_teacher\((.*?)\)", ch1[0])
     assert call and call.group(0) in ch2[0], (ch1, ch2)
     assert "seed" not in call.group(1) or "seed=0" in call.group(1)
-    assert _data_lines("01_kd_basics.ipynb") == _data_lines("02_kd_as_lsr.ipynb")
+    # chapter 1 names its data set per profile (the paper profile's is CIFAR-100); its course entry must be
+    # the data set chapter 2 reads from the profile
+    source = "".join("".join(c["source"]) for c in json.loads((NOTEBOOKS / "01_kd_basics.ipynb").read_text())["cells"])
+    course = re.search(r"course=dict\((.*?)\),\n", source, re.S)
+    assert course and f'dataset="{Profile("course", torch.device("cpu")).dataset}"' in course.group(1)
+    ch1_data = [ln.replace('cfg["dataset"]', "profile.dataset") for ln in _data_lines("01_kd_basics.ipynb")]
+    assert ch1_data == _data_lines("02_kd_as_lsr.ipynb")
     groups = [json.loads((NOTEBOOKS / nb).read_text())["metadata"]["minidistill"].get("teacher_group")
               for nb in ("01_kd_basics.ipynb", "02_kd_as_lsr.ipynb")]
     assert groups[0] and groups[0] == groups[1], groups  # publish.py keeps them together, chapter 1 first
