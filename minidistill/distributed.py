@@ -3,9 +3,10 @@
 
     torchrun --nproc_per_node 4 benchmarks/cifar100_table.py --recipe paper
 
-A script calls :func:`init` once at its start; without ``torchrun`` (no ``WORLD_SIZE`` in the
-environment) it does nothing and everything runs in one process as usual. Under ``torchrun``,
-``fit``:
+:func:`~minidistill.train.fit` calls :func:`init` itself, so any script that calls ``fit`` runs
+on several GPUs when started by ``torchrun`` (a script may call it first, to know its rank early);
+without ``torchrun`` (no ``WORLD_SIZE`` in the environment) it does nothing and everything runs in
+one process as usual. Under ``torchrun``, ``fit``:
 
 * keeps the uint8 training set on every rank's GPU (150 MB for CIFAR) and gives each rank its
   slice of every *global* batch (``recipe.batch_size`` images, split evenly), so the data order,

@@ -500,8 +500,8 @@ def fit(
 
     Report ``history.final('test_acc')``; choose things with ``val_acc``.
 
-    Under ``torchrun`` (after :func:`minidistill.distributed.init`) the same call trains on every
-    process's GPU with ``DistributedDataParallel``: ``recipe.batch_size`` is the global batch,
+    Under ``torchrun`` (which ``fit`` notices and joins, :func:`minidistill.distributed.init`) the same
+    call trains on every process's GPU with ``DistributedDataParallel``: ``recipe.batch_size`` is the global batch,
     split evenly over the ranks, and only rank 0 writes the checkpoint (see
     :mod:`minidistill.distributed`; ``device`` defaults to the rank's own GPU).
 
@@ -528,6 +528,7 @@ def fit(
     if not isinstance(objective, nn.Module):
         raise TypeError(f"objective must be an nn.Module (subclass losses.Objective), got {type(objective).__name__}; "
                         "wrap a function in an Objective whose forward(model, x, y) returns (loss, logits, terms)")
+    distributed.init()  # under torchrun: join the process group (once); otherwise nothing
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and recipe.batch_size % world:
         raise ValueError(f"recipe.batch_size {recipe.batch_size} is the global batch and must split evenly over the "
@@ -940,6 +941,7 @@ def load_or_train(path: Path, meta: dict[str, Any], model: nn.Module, train_fn,
     trained by all ranks together (``train_fn`` calls :func:`fit`) and saved by rank 0.
     """
     path, meta = Path(path), _plain(meta)
+    distributed.init()
     main = distributed.is_main()
     if main:
         _writable_folder(path.parent)

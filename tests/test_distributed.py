@@ -37,8 +37,8 @@ sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 from minidistill import distributed, train
 from test_distributed import RECIPE, small_net, tiny_data
 
-assert distributed.init(), "torchrun should have started a process group"
-out, rank = Path({out!r}), distributed.rank()
+assert not distributed.is_distributed()   # fit joins the process group itself
+out = Path({out!r})
 saves, real_save = [], train._save_atomic
 
 def spy(obj, path):                     # record who writes, and keep a copy of the epoch-1 checkpoint
@@ -52,7 +52,8 @@ torch.set_num_threads(1)
 model = small_net()
 history = train.fit(model, tiny_data(), recipe=RECIPE, seed=0, device="cpu", checkpoint=out / "ckpt" / "run.pt",
                     progress=False, check_every=1)
-dump = Path({dump!r})
+assert distributed.is_distributed() and distributed.world_size() == 2
+dump, rank = Path({dump!r}), distributed.rank()
 torch.save(model.state_dict(), dump / f"weights{{rank}}.pt")
 cache = out / "cache" / "net.pt"       # a cached model: trained by both ranks together, saved by rank 0
 made = [train.load_or_train(cache, {{"what": "test"}}, m, lambda partial, m=m: train.fit(
