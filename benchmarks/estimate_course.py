@@ -231,6 +231,14 @@ CHAPTERS: dict[str, dict] = {
               "40 epochs (4 passes: a launch-bound 128-image step counted at a 512-image step's overhead; the probe "
               "counted as full training, an upper bound)", train_alone("resnet8"), 40, runs=16, images=500, passes=4),
     ]),
+    "13_tsit.ipynb": dict(group=None, stages=[
+        Stage("perceptual network and judge: resnet8, 10 epochs each", train_alone("resnet8"), 10, runs=2),
+        Stage("TSIT generators (full, no style stream, no FADE), 2 epochs at batch 256; one step = D step + G step, "
+              "0.73 GMAC per image measured with FlopCounterMode over a whole step (forward and backward of G, the "
+              "2-scale D and the resnet8 perceptual network; the full model's count for all three, an upper bound); "
+              "16 passes: 8 networks run one after another per step, doubled for a launch-bound 256-image step",
+              0.73, 2, runs=3, passes=16),
+    ]),
 }
 
 

@@ -18,10 +18,6 @@ from ..runtime import attempted
 __all__ = ["check_l1_step", "check_l1_projection", "check_l2_budget"]
 
 
-def _ok(msg: str) -> None:
-    print(f"✓ {msg}")
-
-
 def check_l1_step(step_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     r"""``step_fn(g)`` must return, for each row of ``g`` (shape ``[N, D]``), the unit steepest-ascent
     step under $\ell_1$: $\arg\max_{\|s\|_1 \le 1} \langle g, s\rangle$, which puts all its mass on a
@@ -47,7 +43,7 @@ def check_l1_step(step_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     if not torch.allclose(gain, best):
         raise AssertionError("choose, in every row, the coordinate with the largest |g_i| (not the largest g_i, "
                              "and not over the whole batch), with sign(g_i)")
-    _ok("the l1 steepest-ascent step is sign(g_i) at the largest |g_i|: the dual norm of l1 is l-infinity")
+    print("✓ the l1 steepest-ascent step is sign(g_i) at the largest |g_i|: the dual norm of l1 is l-infinity")
 
 
 def _l1_ball_projection(delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,7 +93,7 @@ def check_l1_projection(project_fn: Callable[[torch.Tensor, float], torch.Tensor
         raise AssertionError("inside the ball, but not the closest point: shrink every |delta_i| by the same tau "
                              "(values below tau become 0), keep the signs, and choose tau per row so that "
                              "sum |delta_i| = eps")
-    _ok("projection onto the l1 ball: soft-threshold each outside row by the tau that leaves l1 norm eps")
+    print("✓ projection onto the l1 ball: soft-threshold each outside row by the tau that leaves l1 norm eps")
 
 
 def check_l2_budget(budget_fn: Callable[[float, tuple, tuple], float]) -> None:
@@ -117,7 +113,7 @@ def check_l2_budget(budget_fn: Callable[[float, tuple, tuple], float]) -> None:
             raise AssertionError("return a number")
     ratio = [math.prod(b) / math.prod(a) for _, a, b in cases]
     if all(math.isclose(v, eps * math.sqrt(r), rel_tol=1e-6) for v, (eps, _, _), r in zip(got, cases, ratio)):
-        _ok("the l2 budget scales with sqrt(D): eps * sqrt(D_to / D_from)")
+        print("✓ the l2 budget scales with sqrt(D): eps * sqrt(D_to / D_from)")
         return None
     if all(math.isclose(v, eps * r, rel_tol=1e-6) for v, (eps, _, _), r in zip(got, cases, ratio)):
         raise AssertionError("this scales with D (the number of values), not sqrt(D): ||delta||_2 for a "
