@@ -45,7 +45,7 @@ import torch
 from .runtime import PROFILES, Profile, _cpu_name, cpu_threads, device_name, get_device
 
 __all__ = ["DEFAULT_GPU_CLASS", "gpu_class", "read_meta", "publishing_order", "predict", "plan", "stamp",
-           "publish", "main"]
+           "shrink_figures", "publish", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GPU_CLASS = "H200"  # predictions on a machine without a GPU are for the course's publishing GPU
@@ -87,6 +87,47 @@ except Exception as e:
     sys.exit(1)
 nbformat.write(nb, dst)
 """
+
+
+def _smaller_png(b64: str) -> str:
+    """The PNG (base64) re-encoded with a 256-colour palette, if that is smaller; else as it was."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    raw = base64.b64decode(b64)
+    image = Image.open(io.BytesIO(raw))
+    if image.mode == "P":   # already a palette image (shrunk before)
+        return b64
+    if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255:
+        return b64          # real transparency: a palette would lose it
+    out = io.BytesIO()
+    image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                  dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
+    small = base64.b64encode(out.getvalue()).decode()
+    return small if len(small) < len(b64) else b64
+
+
+def shrink_figures(nb: Any) -> tuple[int, int]:
+    """Re-encode every stored PNG of a notebook (cell outputs and the widgets' saved outputs) with a
+    256-colour palette where that is smaller: figures keep their size and look (matplotlib's plots
+    use few colours), at about a third of the bytes, which keeps the repository and what a GPU run
+    must carry small. Returns the PNG bytes (base64) before and after."""
+    outputs = [o for cell in nb.get("cells", []) for o in cell.get("outputs", [])]
+    state = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    for model in state.get("state", {}).values():
+        outputs += model.get("state", {}).get("outputs", []) or []
+    before = after = 0
+    for out in outputs:
+        data = out.get("data", {}) if isinstance(out, dict) else {}
+        png = data.get("image/png")
+        if isinstance(png, list):
+            png = "".join(png)
+        if isinstance(png, str):
+            data["image/png"] = _smaller_png(png.replace("\n", ""))
+            before, after = before + len(png), after + len(data["image/png"])
+    return before, after
 
 
 def gpu_class(name: str) -> str:
@@ -277,6 +318,7 @@ def publish(notebooks: list[Path], profile: str = "course", timeout: int = 1800,
             done = {"device": name, "gpu_class": gpu_class(name), "torch": torch.__version__, "wall_s": wall,
                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "warm": rec["warm"]}
             nb.metadata["minidistill"] = stamp(nb.metadata.get("minidistill", {}), done, profile)
+            shrink_figures(nb)
             part = path.with_name(path.name + ".part")
             nbformat.write(nb, part)
             os.replace(part, path)
@@ -335,6 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device-class", metavar="NAME",
                         help=f"GPU class to predict for (default: the visible GPU's, else {DEFAULT_GPU_CLASS})")
     parser.add_argument("--report", type=Path, help="also write the records as JSON here")
+    parser.add_argument("--shrink", action="store_true",
+                        help="only re-encode the stored figures of the notebooks with a palette (executes nothing)")
     args = parser.parse_args(argv)
     if args.plan and args.budget is None:
         parser.error("--plan needs --budget SECONDS")
@@ -342,6 +386,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     missing = [str(p) for p in notebooks if not p.exists()]
     if missing:
         parser.error(f"no such notebook(s): {missing}")
+    if args.shrink:
+        import nbformat
+
+        for path in notebooks:
+            nb = nbformat.read(path, as_version=4)
+            before, after = shrink_figures(nb)
+            if after < before:
+                nbformat.write(nb, path)
+            print(f"{path.name}: figures {before / 1e3:.0f} kB -> {after / 1e3:.0f} kB")
+        return 0
     gpu = args.device_class or _default_class(get_device())
     if args.plan:
         records = plan({p: read_meta(p) for p in notebooks}, args.budget, gpu)

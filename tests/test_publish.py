@@ -214,3 +214,60 @@ def test_a_notebook_past_the_deadline_is_killed_with_its_kernel_and_left_unchang
         time.sleep(0.1)
     else:
         pytest.fail(f"kernel {pid} still alive")
+
+
+def _png_b64(fig_or_image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    if hasattr(fig_or_image, "savefig"):
+        fig_or_image.savefig(buf, format="png", dpi=80)
+    else:
+        fig_or_image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode() + "\n"
+
+
+def _pixels(b64: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGBA"), dtype=float)
+
+
+def test_shrink_figures_keeps_the_look_at_a_fraction_of_the_bytes():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from minidistill.publish import shrink_figures
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    x = np.linspace(0, 6, 200)
+    for k in range(4):
+        ax.plot(x, np.sin(x + k), label=f"curve {k}")
+    ax.legend(); ax.set_xlabel("x"); ax.set_title("four curves")
+    plot = _png_b64(fig)
+    plt.close(fig)
+    clear = Image.new("RGBA", (20, 20), (255, 0, 0, 0))          # real transparency: left alone
+    nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {
+              "image/png": plot, "text/plain": "<Figure>"}}]},
+                    {"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {
+                        "image/png": _png_b64(clear)}}]}],
+          "metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {"state": {"m1": {"state": {
+              "outputs": [{"output_type": "display_data", "data": {"image/png": plot}}]}}}}}}}
+    before, after = shrink_figures(nb)
+    small = nb["cells"][0]["outputs"][0]["data"]["image/png"]
+    widget = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]["m1"]["state"]
+    assert after < 0.7 * before and len(small) < 0.6 * len(plot)
+    assert widget["outputs"][0]["data"]["image/png"] == small          # the widget's saved figure too
+    a, b = _pixels(plot), _pixels(small)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 1.0          # same size, same look (mean error < 1/255)
+    assert nb["cells"][0]["outputs"][0]["data"]["text/plain"] == "<Figure>"
+    assert _pixels(nb["cells"][1]["outputs"][0]["data"]["image/png"])[..., 3].max() == 0   # still transparent
+    assert shrink_figures(nb)[1] == after                                # a second pass changes nothing
