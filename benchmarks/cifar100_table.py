@@ -7,21 +7,24 @@
 
 The methods, as RepDistiller's ``scripts/run_cifar_distill.sh`` runs them: *KD* is
 ``0.1 CE + 0.9 T^2 KL`` at T = 4 (``-r 0.1 -a 0.9 -b 0``); *FitNet* is one stage,
-``CE + 100 x MSE`` between a regressed student feature and the teacher's output of its second
-stage (``--distill hint -a 0 -b 100``, hint layer 2), here
-:class:`minidistill.losses.FeatureDistillation`. Each row's teacher is trained once, with the same
+``CE + 100 x MSE`` between a regressed student feature (1x1 conv, BatchNorm, ReLU) and the
+teacher's output of its second stage (``--distill hint -a 0 -b 100``, hint layer 2), here
+:class:`minidistill.losses.FeatureDistillation` with ``regressor_relu=True``. Mixed precision
+(``--amp auto``, the default: bf16 on recent GPUs) is the course's; ``--amp off`` trains in
+float32, as RepDistiller does. Each row's teacher is trained once, with the same
 recipe (seed 0), and cached by :func:`minidistill.train.pretrained`.
 
 Recipes (``--recipe``): ``paper`` is :data:`minidistill.train.PAPER_RECIPE`, RepDistiller's
 benchmark setting (240 epochs, batch 64, SGD lr 0.05, x0.1 at epochs 150/180/210, weight decay
 5e-4); ``fast`` is :data:`minidistill.train.FAST_RECIPE` (60 epochs, batch 512, one-cycle up to
-0.2, bf16 on the GPU), a quarter of the images. Under the smoke profile (``MINIDISTILL_PROFILE=smoke``,
-the CPU default) every run is one short epoch, to check the script end to end.
+0.2), a quarter of the images. Teachers are cached as the paper profile's (shared with chapters 1
+and 3 under ``MINIDISTILL_PROFILE=paper``). Under the smoke profile (``MINIDISTILL_PROFILE=smoke``,
+the CPU default) every run is two short epochs, to check the script end to end.
 
 Resumable row by row and run by run: finished runs are read back from the JSON and skipped, an
 interrupted run resumes from its checkpoint, and teachers come from the cache. The data come
 from ``$MINIDISTILL_DATA/cifar100.npz`` if present, otherwise torchvision downloads them there.
-Results: ``<out>/cifar100_<recipe>[_<profile>].json`` and ``.md`` (the last epoch's test accuracy,
+Results: ``<out>/cifar100_<recipe>[_smoke].json`` and ``.md`` (the last epoch's test accuracy,
 mean ± std over seeds, beside RepDistiller's published numbers; RepDistiller's ``train_student.py``
 keeps the best test accuracy over its epochs, which favours its column slightly).
 """
@@ -54,7 +57,7 @@ METHODS = ("student alone", "KD", "FitNet")
 SOURCE = ("RepDistiller README (https://github.com/HobbitLong/RepDistiller, commit b84f547), "
           "CIFAR-100 classification accuracy (%), run count not stated")
 RECIPES = {"paper": train.PAPER_RECIPE, "fast": train.FAST_RECIPE}
-SMOKE = train.Recipe(epochs=1, batch_size=32, lr=0.02, schedule="constant")
+SMOKE = train.Recipe(epochs=2, batch_size=32, lr=0.02, nesterov=False, schedule="step", milestones=(1,))
 
 
 def objective(method: str, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
@@ -65,7 +68,7 @@ def objective(method: str, teacher: torch.nn.Module | None) -> torch.nn.Module |
         return losses.Distillation(teacher, temperature=4.0, alpha=0.9)
     if method == "FitNet":
         return losses.FeatureDistillation(teacher, layers=("layer2", "layer2"), weight=100.0, temperature=4.0,
-                                          alpha=0.0)
+                                          alpha=0.0, regressor_relu=True)  # RepDistiller's ConvReg ends in a ReLU
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -123,6 +126,9 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds (default 0 1 2)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and Markdown")
     p.add_argument("--root", type=Path, default=None, help="data root (default $MINIDISTILL_DATA)")
+    p.add_argument("--amp", choices=("auto", "off"), default="auto",
+                   help="auto: bf16 (or fp16) mixed precision on a GPU, as the course trains; off: float32, as "
+                        "RepDistiller trains")
     p.add_argument("--estimate", action="store_true", help="print the predicted GPU time per row and stop")
     args = p.parse_args()
     if any(s < 0 for s in args.seeds):
@@ -146,16 +152,22 @@ def main() -> None:
     runtime.apply_threads(profile)
     if profile.name == "smoke":
         recipe = SMOKE
-    ds = data.load_dataset("cifar100", args.root)
+    else:   # the teachers are cached as the paper profile's, shared with chapters 1 and 3
+        profile = runtime.get_profile("paper", profile.device)
+    amp = "auto" if args.amp == "auto" else False
+    ds = data.load_dataset("cifar100", args.root) if main_rank else None   # rank 0 alone downloads
+    distributed.barrier()
+    ds = ds if main_rank else data.load_dataset("cifar100", args.root)
     if ds.num_classes != 100:
         raise SystemExit(f"expected CIFAR-100 (100 classes), the data have {ds.num_classes}")
-    stem = f"cifar100_{args.recipe}" + ("" if profile.name == "paper" else f"_{profile.name}")
+    stem = f"cifar100_{args.recipe}" + ("_smoke" if profile.name == "smoke" else "")
     json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     results = load(json_path)
-    if results and results.get("recipe_fields") != recipe.fields():
-        raise SystemExit(f"{json_path} holds results of another recipe ({results.get('recipe_fields')}); "
+    if results and (results.get("recipe_fields") != recipe.fields() or results.get("amp", "auto") != args.amp):
+        raise SystemExit(f"{json_path} holds results of another recipe or precision ({results.get('recipe_fields')}, "
+                         f"amp {results.get('amp', 'auto')}); "
                          "move it away or choose another --out")
-    results.update({"recipe": args.recipe, "recipe_fields": recipe.fields(), "profile": profile.name,
+    results.update({"recipe": args.recipe, "recipe_fields": recipe.fields(), "amp": args.amp, "profile": profile.name,
                     "device": runtime.device_name(distributed.local_device() if distributed.is_distributed()
                                                   else profile.device),
                     "torch": torch.__version__, "world_size": distributed.world_size(), "source": SOURCE})
@@ -179,7 +191,7 @@ def main() -> None:
         rec = results["rows"].setdefault(row, {"runs": {}})
         t0 = time.perf_counter()
         teacher = train.pretrained(t_name, ds, recipe=recipe, seed=0, profile=profile, root=args.root,
-                                   eval_every=None)
+                                   eval_every=None, amp=amp)
         rec["teacher"] = {"acc": teacher.history.final("test_acc"), "seconds": teacher.history.final("seconds")}
         say(f"{row}: teacher {t_name} {rec['teacher']['acc']:.2f} % "
             f"({'from the cache' if teacher.cached else f'trained, {time.perf_counter() - t0:.0f} s'})")
@@ -191,7 +203,8 @@ def main() -> None:
                     continue
                 ckpt = runs_dir / f"{stem}-{row}-{method.replace(' ', '_')}-s{seed}.pt"
                 run = train.train_model(s_name, ds, recipe, objective(method, teacher.model), seed=seed,
-                                        checkpoint=ckpt, eval_every=None, description=f"{row} {method} s{seed}")
+                                        checkpoint=ckpt, eval_every=None, amp=amp,
+                                        description=f"{row} {method} s{seed}")
                 done[str(seed)] = {"acc": run.history.final("test_acc"), "seconds": run.history.final("seconds")}
                 say(f"{row}: {method:<13} seed {seed}: {done[str(seed)]['acc']:.2f} % "
                     f"({done[str(seed)]['seconds']:.0f} s of training)")

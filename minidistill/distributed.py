@@ -14,10 +14,11 @@ one process as usual. Under ``torchrun``, ``fit``:
   tolerance), and a checkpoint resumes on any number of them;
 * wraps the student and the objective's trainable parts in one ``DistributedDataParallel``, which
   averages their gradients (the frozen teacher is replicated and gets none); on CUDA the
-  student's BatchNorm layers become ``SyncBatchNorm`` so that they normalise over the global
+  BatchNorm layers of both become ``SyncBatchNorm`` so that they normalise over the global
   batch as on one GPU (on CPU, with gloo, they cannot: their statistics are then per rank);
 * scores each rank's part of the evaluation splits and sums the counts over ranks;
-* writes checkpoints and cached teachers on rank 0 only.
+* writes checkpoints and cached teachers on rank 0 only (one machine, or a file system all ranks
+  share: the others read what rank 0 wrote).
 
 Objectives whose loss couples the examples of a batch (a batch of triplets, a batch-level
 similarity matrix) see only their rank's part of it: such objectives do not reproduce a one-GPU
@@ -25,6 +26,7 @@ run exactly.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -77,7 +79,9 @@ def init(backend: str | None = None) -> bool:
         device = local_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        # a long timeout: rank 0 alone downloads data and checks caches while the others wait
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                timeout=datetime.timedelta(minutes=60))
     return is_distributed()
 
 

@@ -164,6 +164,9 @@ class Objective(nn.Module):
     #: whether a checkpoint holds all of this objective's state (its parameters and buffers); an
     #: objective with state outside them sets it False and ``fit`` refuses to resume it
     resumable: bool = True
+    #: whether some trainable parameter may get no gradient in a step; under ``torchrun`` this makes
+    #: ``DistributedDataParallel`` look for such parameters every step (a model may say it too)
+    unused_parameters: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -256,17 +259,21 @@ class Distillation(TeacherObjective):
 class FeatureRegressor(nn.Module):
     """Maps a student feature map ``[N, C_s, H_s, W_s]`` to the teacher's shape ``[N, C_t, H_t,
     W_t]``: average-pooled (or bilinearly resized) to the teacher's size, then a 1x1 conv and
-    BatchNorm to the teacher's channels. A generic choice; FitNets' own regressor
+    BatchNorm to the teacher's channels, and a ReLU if ``relu`` (as RepDistiller's ``ConvReg``, for
+    targets taken after a ReLU). A generic choice; FitNets' own regressor
     (:class:`minidistill.methods.fitnets.HintRegressor`) sizes a convolution instead."""
 
-    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int],
+                 relu: bool = False) -> None:
         super().__init__()
+        if not isinstance(relu, bool):
+            raise ValueError(f"relu must be True or False, got {relu!r}")
         for name, shape in (("student_shape", student_shape), ("teacher_shape", teacher_shape)):
             if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
                 raise ValueError(f"{name} must be (C, H, W) of a feature map, got {shape!r}")
         self.size = tuple(teacher_shape[1:])
         self.proj = nn.Sequential(nn.Conv2d(student_shape[0], teacher_shape[0], 1, bias=False),
-                                  nn.BatchNorm2d(teacher_shape[0]))
+                                  nn.BatchNorm2d(teacher_shape[0]), *([nn.ReLU()] if relu else []))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if tuple(f.shape[-2:]) != self.size:
@@ -287,10 +294,11 @@ class FeatureDistillation(TeacherObjective):
     with the student) and the mean squared error over all elements of $f_t$, weighted by
     ``weight`` ($\beta$). Terms logged: ``ce``, ``kd``, ``hint``. ``alpha=0`` and
     ``weight=0`` give back plain cross-entropy; ``weight=0`` alone is :class:`Distillation`.
+    ``regressor_relu=True`` ends $r$ with a ReLU, as RepDistiller's regressor does.
     """
 
     def __init__(self, teacher: nn.Module, layers: tuple[str, str] = ("layer2", "layer2"), weight: float = 10.0,
-                 temperature: float = 4.0, alpha: float = 0.9) -> None:
+                 temperature: float = 4.0, alpha: float = 0.9, regressor_relu: bool = False) -> None:
         super().__init__(teacher)
         if isinstance(layers, str) or len(layers) != 2 or not all(isinstance(n, str) for n in layers):
             raise ValueError(f"layers must be (student layer, teacher layer) names, got {layers!r}")
@@ -298,7 +306,10 @@ class FeatureDistillation(TeacherObjective):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         check_temperature(temperature)
         _check_alpha(alpha)
+        if not isinstance(regressor_relu, bool):
+            raise ValueError(f"regressor_relu must be True or False, got {regressor_relu!r}")
         self.layers, self.weight, self.temperature, self.alpha = tuple(layers), weight, temperature, alpha
+        self.regressor_relu = regressor_relu
         self.regressor: nn.Module | None = None
 
     def setup(self, model: nn.Module, example: torch.Tensor, **kwargs) -> None:
@@ -314,7 +325,8 @@ class FeatureDistillation(TeacherObjective):
                 f_s = self._extract[0].eval()(example[:1])[s_name]
                 f_t = self.teacher_forward(example[:1])[0]
             model.train(was)
-            self.regressor = FeatureRegressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:])).to(example.device)
+            self.regressor = FeatureRegressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:]),
+                                              relu=self.regressor_relu).to(example.device)
 
     def teacher_forward(self, x: torch.Tensor):
         """The teacher's ``(feature, logits)`` on ``x`` in one pass (no gradients)."""

@@ -123,10 +123,13 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def fields(self) -> dict[str, Any]:
-        """The fields that matter (``milestones`` and ``gamma`` only for the step schedule)."""
+        """The fields that matter (``milestones`` and ``gamma`` only for the step schedule), as JSON
+        holds them (``milestones`` a list), so that a recipe compares equal to one read back."""
         d = dataclasses.asdict(self)
         if self.schedule != "step":
             del d["milestones"], d["gamma"]
+        else:
+            d["milestones"] = list(self.milestones)
         return d
 
     def key(self) -> str:
@@ -134,7 +137,8 @@ class Recipe:
         return hashlib.sha1(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:10]
 
     def __repr__(self) -> str:
-        return "Recipe(" + ", ".join(f"{k}={v!r}" for k, v in self.fields().items()) + ")"
+        shown = {k: getattr(self, k) for k in self.fields()}
+        return "Recipe(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 #: the learning-rate schedules a :class:`Recipe` can name
@@ -555,6 +559,10 @@ def fit(
     _check_outputs(model, example, data)
     if isinstance(objective, Objective):
         objective.setup(model, example, device=device, dtype=dtype, memory_format=memory_format, compile=compile)
+    if world > 1 and device.type == "cuda":  # what setup() built and trains (a regressor's BatchNorm) syncs too
+        for name, child in list(objective.named_children()):
+            if any(p.requires_grad for p in child.parameters()):
+                setattr(objective, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     if compile:
         model.compile()
         for m in objective.children():
@@ -616,7 +624,8 @@ def fit(
     if world > 1:  # (built after loading: the ranks start from rank 0's weights either way)
         ddp = nn.parallel.DistributedDataParallel(
             _Step(model, objective), device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True, **_NO_BUFFER_SYNC)  # (a trunk, say, leaves some parameters unused)
+            find_unused_parameters=any(getattr(m, "unused_parameters", False) for m in (model, objective)),
+            **_NO_BUFFER_SYNC)
         step_fn = ddp
 
     show = (show_progress() if progress is None else progress) and main
@@ -885,6 +894,7 @@ def pretrained(
     compile: bool = False,
     progress: bool | None = None,
     eval_every: int | None = 1,
+    amp: bool | str = "auto",
 ) -> Trained:
     """A model trained with the course recipe, from the cache or trained now and cached.
 
@@ -895,8 +905,8 @@ def pretrained(
     retrained (with a warning), never silently loaded. An interrupted training resumes where it
     stopped; two processes asking at once train it once (the second waits for the first).
     ``eval_every`` is passed to :func:`fit` (``None``: score the test split only at the end, for a
-    teacher whose curves are not plotted); it does not change the weights, so it is not part of
-    the cache key.
+    teacher whose curves are not plotted), and so is ``amp`` (``False``: float32); neither changes the
+    weights beyond floating-point noise, so neither is part of the cache key.
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile, device)
     recipe = recipe or default_recipe(prof)
@@ -920,7 +930,7 @@ def pretrained(
         path, meta, model,
         lambda partial: fit(model, data, recipe=recipe, seed=seed, device=dev, compile=compile,
                             checkpoint=partial, progress=progress, description=f"{name} (teacher)",
-                            eval_every=eval_every),
+                            eval_every=eval_every, amp=amp),
         device=dev)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidistill import losses as losses_mod
+from minidistill.models import create_model
 from minidistill.losses import (
     CrossEntropy,
     Distillation,
@@ -333,6 +334,21 @@ def test_feature_regressor_maps_to_the_teacher_shape():
         assert r(torch.randn(2, *s_shape)).shape == (2, *t_shape)
     with pytest.raises(ValueError, match="student_shape"):
         losses_mod.FeatureRegressor((4, 8), (6, 4, 4))
+
+
+def test_feature_regressor_relu_like_repdistillers_convreg():
+    torch.manual_seed(0)
+    plain, relu = losses_mod.FeatureRegressor((4, 8, 8), (6, 8, 8)), losses_mod.FeatureRegressor((4, 8, 8), (6, 8, 8), relu=True)
+    relu.load_state_dict(plain.state_dict())        # same conv and BatchNorm: the ReLU is the only difference
+    f = torch.randn(3, 4, 8, 8)
+    assert (plain(f) < 0).any()
+    torch.testing.assert_close(relu(f), plain(f).clamp_min(0))
+    teacher = create_model("resnet8", 10)
+    obj = losses_mod.FeatureDistillation(teacher, regressor_relu=True)
+    obj.setup(create_model("resnet8", 10), torch.randn(2, 3, 16, 16), device=torch.device("cpu"))
+    assert isinstance(obj.regressor.proj[-1], torch.nn.ReLU)
+    with pytest.raises(ValueError, match="regressor_relu"):
+        losses_mod.FeatureDistillation(teacher, regressor_relu="yes")
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(layers="layer2"), "layers"), (dict(weight=-1.0), "weight"),

@@ -353,6 +353,8 @@ BAD = [
     (losses.FeatureRegressor, ((4, 8, 8), (6, 0, 4)), {}, ValueError, "teacher_shape"),
     (losses.FeatureRegressor, ((4, 8, 8), "x"), {}, ValueError, "teacher_shape"),
     (losses.FeatureDistillation, (M8,), {"layers": "layer2"}, ValueError, "layers"),
+    (losses.FeatureDistillation, (M8,), {"regressor_relu": 1}, ValueError, "regressor_relu"),
+    (losses.FeatureRegressor, ((4, 8, 8), (6, 4, 4)), {"relu": "no"}, ValueError, "relu"),
     (losses.FeatureDistillation, (M8,), {"weight": -1.0}, ValueError, "weight"),
     (losses.FeatureDistillation, (M8,), {"weight": float("inf")}, ValueError, "weight"),
     (losses.check_logits_pair, (_logits(), _logits(3, 3)), {}, ValueError, "student and teacher"),

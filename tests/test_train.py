@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -114,6 +115,7 @@ def test_recipe_key_is_stable_short_and_sensitive_to_every_field():
     assert len({stepped.key(), *(stepped.replace(**{k: v}).key() for k, v in step.items())}) == 3
     assert "milestones" not in repr(base) and "milestones=(10, 20)" in repr(stepped)
     assert Recipe(schedule="step", milestones=[5, 7]).milestones == (5, 7)   # a list (from JSON) is taken
+    assert json.loads(json.dumps(stepped.fields())) == stepped.fields()       # what a JSON file gives back
 
 
 def test_recipe_rejects_an_unknown_optimizer():

@@ -283,6 +283,9 @@ class _Trunk(nn.Module):
     """The student's forward up to ``guided``, holding only the top-level stages up to the one
     that contains it (so its parameters, optimiser and checkpoint are the trunk's alone)."""
 
+    #: a guided layer inside a stage leaves the rest of that stage without gradients (for fit under torchrun)
+    unused_parameters = True
+
     def __init__(self, student: nn.Module, guided: str) -> None:
         super().__init__()
         extractor = feature_extractor(student, [guided])  # validates the name
