@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from datetime import datetime
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from minidistill import data, distributed, losses, runtime, train  # noqa: E402
+from minidistill import data, distributed, losses, report, runtime, train  # noqa: E402
 
 #: the rows: teacher -> student, with RepDistiller's README numbers (CIFAR-100 accuracy in %,
 #: teacher / student alone / KD / FitNet) from https://github.com/HobbitLong/RepDistiller
@@ -90,18 +89,6 @@ def estimate_seconds(row: str, recipe: train.Recipe, seeds: int) -> dict[str, fl
     return out
 
 
-def load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def markdown(results: dict) -> str:
     head = (f"# CIFAR-100, recipe `{results['recipe']}` ({results['profile']} profile)\n\n"
             f"Ours: the last epoch's test accuracy, mean ± std over the seeds run ({results['device']}, torch "
@@ -111,8 +98,9 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row, rec in results["rows"].items():
-        ours = [mean_std([rec["teacher"]["acc"]] if "teacher" in rec else [])]
-        ours += [mean_std([r["acc"] for r in rec.get("runs", {}).get(m, {}).values()]) for m in METHODS]
+        accs = [[rec["teacher"]["acc"]] if "teacher" in rec else []]
+        accs += [[r["acc"] for r in rec.get("runs", {}).get(m, {}).values()] for m in METHODS]
+        ours = [report.format_mean_std(a) if a else "–" for a in accs]
         theirs = [f"{v:.2f}" for v in ROWS[row][2]]
         lines.append(f"| {ROWS[row][0]} → {ROWS[row][1]} | " + " | ".join(ours + theirs) + " |")
     return head + "\n".join(lines) + "\n"
@@ -162,7 +150,7 @@ def main() -> None:
         raise SystemExit(f"expected CIFAR-100 (100 classes), the data have {ds.num_classes}")
     stem = f"cifar100_{args.recipe}" + ("_smoke" if profile.name == "smoke" else "")
     json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
-    results = load(json_path)
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
     if results and (results.get("recipe_fields") != recipe.fields() or results.get("amp", "auto") != args.amp):
         raise SystemExit(f"{json_path} holds results of another recipe or precision ({results.get('recipe_fields')}, "
                          f"amp {results.get('amp', 'auto')}); "

@@ -38,19 +38,23 @@ __all__ = ["init", "close", "is_distributed", "rank", "world_size", "is_main", "
            "all_reduce_sum", "broadcast_object", "broadcast_buffers"]
 
 
+def _started() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
     """Whether a process group of more than one process is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def rank() -> int:
     """This process's rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _started() else 0
 
 
 def world_size() -> int:
     """The number of processes (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _started() else 1
 
 
 def is_main() -> bool:
@@ -75,7 +79,7 @@ def init(backend: str | None = None) -> bool:
         return False
     if not dist.is_available():
         raise RuntimeError("this torch was built without torch.distributed; run on one process")
-    if not dist.is_initialized():
+    if not _started():
         device = local_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -87,7 +91,7 @@ def init(backend: str | None = None) -> bool:
 
 def close() -> None:
     """End the process group (call it at the end of a script started by ``torchrun``)."""
-    if dist.is_available() and dist.is_initialized():
+    if _started():
         dist.destroy_process_group()
 
 
